@@ -1,0 +1,5 @@
+"""CLI subcommands: each module defines `register(subparsers)`, which adds its parser
+and sets `func=run` (a callable taking the parsed args and returning an exit code)."""
+
+# Order here is the order `mode-jax --help` lists them.
+COMMANDS = ["demo"]
