@@ -87,17 +87,22 @@ def init_llama(key: jax.Array, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
     return params
 
 
+def upcast(x: jax.Array) -> jax.Array:
+    """x in at least float32 (float64 stays float64, so gradient checks stay exact)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float) -> jax.Array:
-    """x / rms(x) * scale, with the statistics in float32 whatever x's dtype."""
-    x32 = x.astype(jnp.float32)
+    """x / rms(x) * scale, with the statistics in at least float32 whatever x's dtype."""
+    x32 = upcast(x)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+    return (normed * upcast(scale)).astype(x.dtype)
 
 
 def rope_tables(positions: jax.Array, *, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape [T, H] for the rotate-half layout (frequency i on dims i and i + H/2)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [H/2]
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]                     # [T, H/2]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2) / head_dim))  # [H/2], float32 (or 64 under x64)
+    angles = positions[:, None] * inv_freq[None, :]                      # [T, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)                                    # [T, H]
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -106,8 +111,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate x [B, T, heads, H] by position: x * cos + rotate_half(x) * sin."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    x32, r32 = x.astype(jnp.float32), rotated.astype(jnp.float32)
-    out = x32 * cos[None, :, None, :] + r32 * sin[None, :, None, :]
+    out = upcast(x) * cos[None, :, None, :] + upcast(rotated) * sin[None, :, None, :]
     return out.astype(x.dtype)
 
 
@@ -123,7 +127,7 @@ def attention(layer: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int, head_
     # Each group of N/K query heads shares one kv head.
     group = n_heads // n_kv_heads
     q = q.reshape(b, t, n_kv_heads, group, head_dim)              # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
     scores = scores / np.sqrt(head_dim)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     scores = jnp.where(causal, scores, -jnp.inf)
@@ -157,10 +161,10 @@ def embed(params: dict, tokens: jax.Array) -> jax.Array:
 
 
 def lm_head(params: dict, h: jax.Array, cfg: LlamaConfig) -> jax.Array:
-    """Final norm and output projection: h [B, T, D] -> float32 logits [B, T, V]."""
+    """Final norm and output projection: h [B, T, D] -> logits [B, T, V], at least float32."""
     h = rms_norm(h, params["final_norm"], eps=cfg.norm_eps)
     w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]   # [D, V]
-    return jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32)
+    return jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))
 
 
 def llama_hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig) -> jax.Array:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mode_jax.ref.config import LlamaConfig, ModeConfig
-from mode_jax.ref.llama import embed, init_layer, layers_forward, lm_head
+from mode_jax.ref.llama import embed, init_layer, layers_forward, lm_head, upcast
 
 
 def gated_combine(logits: jax.Array, outputs: jax.Array) -> jax.Array:
@@ -35,14 +35,14 @@ def gated_combine(logits: jax.Array, outputs: jax.Array) -> jax.Array:
     if logits.shape[-1] != outputs.shape[0] or logits.shape[:-1] != outputs.shape[1:-1]:
         raise ValueError(f"gated_combine: logits {logits.shape} must be [..., E] and outputs "
                          f"{outputs.shape} [E, ..., D] with matching E and leading dims")
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)                 # [..., E]
-    mixed = jnp.einsum("...E,E...D->...D", probs, outputs.astype(jnp.float32))
+    probs = jax.nn.softmax(upcast(logits), axis=-1)                              # [..., E]
+    mixed = jnp.einsum("...E,E...D->...D", probs, upcast(outputs))
     return mixed.astype(outputs.dtype)
 
 
 def gate_logits(block: dict, x: jax.Array) -> jax.Array:
     """x [B, T, D] -> float32 gate logits [B, T, E]."""
-    return x.astype(jnp.float32) @ block["gate_w"].astype(jnp.float32) + block["gate_b"].astype(jnp.float32)
+    return upcast(x) @ upcast(block["gate_w"]) + upcast(block["gate_b"])
 
 
 def init_gate(cfg: LlamaConfig, mode: ModeConfig, n_experts: int) -> tuple[jax.Array, jax.Array]:
