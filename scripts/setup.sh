@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv with Python 3.12
-# and install mode-jax with its test extras. Sourced by the other scripts;
+# and install mode-jax with its test and data extras. Sourced by the other scripts;
 # re-installs only when pyproject.toml changed. Prints the venv's python path.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +28,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     echo "setup.sh: creating $venv with $py" >&2
     "$py" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip >&2
-    "$venv/bin/python" -m pip install -q -e "$root[test]" >&2
+    "$venv/bin/python" -m pip install -q -e "$root[test,data]" >&2
     echo "$want" > "$stamp"
 fi
 echo "$venv/bin/python"

@@ -2,4 +2,4 @@
 and sets `func=run` (a callable taking the parsed args and returning an exit code)."""
 
 # Order here is the order `mode-jax --help` lists them.
-COMMANDS = ["fetch", "demo"]
+COMMANDS = ["fetch", "data", "demo"]

