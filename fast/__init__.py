@@ -1,0 +1,32 @@
+"""The accelerated path: the same functions as `mode_jax.ref`, built for speed.
+
+Every function here is tested against its `ref/` counterpart (tests/test_fast_*.py);
+`FastConfig` says how it computes, never what.
+
+    params.py     the stacked layout ([L, ...] layers, [n_blocks, N, expert_layers, ...]
+                  experts), `to_fast`/`to_ref` (exact inverses) and the trainable partitions
+    model.py      Llama, LoRA (unmerged) and MoDE forward: scan over layers, vmap over
+                  experts, bf16 compute with float32 norms/RoPE/softmax/gate
+    attention.py  causal GQA attention via jax.nn.dot_product_attention (cuDNN on GPU)
+    merge.py      the MoDE merge fused with every stack's last down-projection (eq. 1)
+    combine.py    the plain merge, dispatching to the Pallas kernels per platform
+    loss.py       chunked next-token loss/accuracy (no [tokens, V] logits), gradients in
+                  the forward rule
+    train.py      optax AdamW step (equal to ref/optim.py) and eval step
+    config.py     FastConfig: compute dtype, attention backend, merge, loss chunk, remat
+"""
+
+from mode_jax.fast.combine import gated_combine
+from mode_jax.fast.config import FastConfig
+from mode_jax.fast.loss import next_token_metrics
+from mode_jax.fast.merge import fused_merge, fused_merge_reference
+from mode_jax.fast.model import block_forward, hidden, llama_hidden, logits, mode_hidden
+from mode_jax.fast.params import merge, partition, to_fast, to_ref, trainable_mask
+from mode_jax.fast.train import cast_frozen, eval_step, init_opt_state, make_optimizer, train_step
+
+__all__ = [
+    "FastConfig", "gated_combine", "fused_merge", "fused_merge_reference", "next_token_metrics",
+    "block_forward", "hidden", "llama_hidden", "logits", "mode_hidden",
+    "to_fast", "to_ref", "partition", "merge", "trainable_mask",
+    "make_optimizer", "init_opt_state", "train_step", "eval_step", "cast_frozen",
+]

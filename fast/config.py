@@ -1,0 +1,62 @@
+"""How the fast path computes (not what): dtype, backends, chunking, remat.
+
+One frozen dataclass, hashable so it is a `jax.jit` static argument. The model it
+computes is fixed by `ref/`'s configs (LlamaConfig, ModeConfig, LoraConfig,
+OptimConfig); every choice here must leave that function unchanged up to the
+rounding of `compute_dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+ATTENTION = ("auto", "xla", "cudnn")
+MERGES = ("fused", "stacked")
+REMATS = ("none", "dots", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class FastConfig:
+    # Activations and matmul inputs; master weights, optimizer state, the gate, softmax
+    # and norm statistics stay float32 whatever this says.
+    compute_dtype: str = "bfloat16"
+    # 'auto': cuDNN flash attention on a GPU for bf16/f16 (head dim a multiple of 8,
+    # <= 128), XLA otherwise. jax.nn.dot_product_attention(implementation=None) means
+    # XLA in jax 0.11, so the choice is made here (fast/attention.py).
+    attention: str = "auto"
+    # 'fused': each block's last down-projections and the gated sum are one matmul
+    # (fast/merge.py); 'stacked': every stack runs whole, then fast.combine merges.
+    merge: str = "fused"
+    # Tokens per logits chunk in the loss: at most [loss_chunk, V] logits exist at once.
+    loss_chunk: int = 4096
+    # Rematerialisation of each scanned layer: 'none' saves every residual, 'dots' saves
+    # only matmul outputs, 'full' recomputes the layer in the backward pass.
+    remat: str = "none"
+    scan_unroll: int = 1        # lax.scan unroll factor over layers
+    # q|k|v and gate|up projections as one matmul each (weights concatenated per layer).
+    fuse_projections: bool = True
+
+    def __post_init__(self):
+        if jnp.dtype(self.compute_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+                                                 jnp.dtype(jnp.float16), jnp.dtype(jnp.float64)):
+            raise ValueError(f"FastConfig.compute_dtype must be a float dtype name, got {self.compute_dtype!r}")
+        for name, options in (("attention", ATTENTION), ("merge", MERGES), ("remat", REMATS)):
+            if getattr(self, name) not in options:
+                raise ValueError(f"FastConfig.{name} must be one of {options}, got {getattr(self, name)!r}")
+        if not isinstance(self.fuse_projections, bool):
+            raise ValueError(f"FastConfig.fuse_projections must be a bool, got {self.fuse_projections!r}")
+        for name in ("loss_chunk", "scan_unroll"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"FastConfig.{name} must be a positive integer, got {value!r}")
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    @classmethod
+    def exact(cls, **overrides) -> "FastConfig":
+        """float32 compute: the fast path should then match `ref/` to float32 rounding."""
+        return cls(**{"compute_dtype": "float32", **overrides})
