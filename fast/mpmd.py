@@ -1,0 +1,336 @@
+"""MPMD training step (paper section 3.3 and 4.4): the backbone on one sub-mesh, the
+experts on one or more other sub-meshes, each block's parts running concurrently.
+
+jax 0.11 has no MPMD API; the idiom here is one mesh per disjoint device subset,
+one jitted function per component and mesh, and `jax.device_put` between them.
+Async dispatch runs the meshes side by side. Per block i and step:
+
+    forward   x --put--> each expert mesh: out_m, vjp_m = experts_m(x)       } run
+              h_bb, vjp_bb = backbone_i(x)  (backbone mesh)                  } concurrently
+              out_m --put--> backbone mesh; y, vjp_merge = merge(gate_i, x, h_bb, out_*)
+    backward  d_gate_i, dx, dh_bb, d_out_* = vjp_merge(dy)
+              d_out_m --put--> mesh m: dp_m, dx_m = vjp_m(d_out_m)           } concurrently
+              dx_bb = vjp_bb(dh_bb);  dx_m --put--> backbone mesh; dy = dx + dx_bb + sum dx_m
+    update    AdamW of the gates on the backbone mesh and of each mesh's experts on that
+              mesh, all clipped by one global gradient norm (the meshes swap their
+              squared norms, a few scalars), as `ref/optim.py` does over the whole tree.
+
+Each `jax.vjp` runs inside the forward jit and returns its pullback (a pytree holding
+the residuals on that mesh), which the backward jit applies: no recomputation.
+Each sub-mesh has its own axes and so its own rules table (`fast/sharding.py`).
+The backbone (and embedding, LM head) is frozen; gates and, unless
+trainable='gates', experts train. The merge runs on the backbone mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mode_jax.fast import components as C
+from mode_jax.fast.combine import gated_combine as platform_gated_combine
+from mode_jax.fast.config import FastConfig
+from mode_jax.fast.sharded_combine import sharded_gated_combine
+from mode_jax.fast.sharding import (activation_sharding, batch_axes, make_mesh, place,
+                                    replicated, resolve_axes, rules_for_axes, shardings_for)
+from mode_jax.fast.spmd import adamw_update, batch_shardings, decay_mask
+from mode_jax.ref.config import LlamaConfig, OptimConfig
+from mode_jax.ref.optim import adamw_init
+
+MPMD_TRAINABLE = ("experts_and_gates", "gates")
+
+
+@dataclasses.dataclass(frozen=True)
+class SubMesh:
+    """Devices (indices into `jax.devices()`), mesh axes ((name, size), ...; () means
+    ("dp", all)) and, for an expert mesh, the expert ids it hosts (None: assigned)."""
+    devices: tuple[int, ...]
+    axes: tuple[tuple[str, int], ...] = ()
+    experts: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Which component runs where. `allow_shared_devices` lets sub-meshes share devices
+    (only to run the MPMD code path on fewer devices than meshes, e.g. one GPU)."""
+    backbone: SubMesh
+    experts: tuple[SubMesh, ...]
+    allow_shared_devices: bool = False
+
+    def names(self) -> list[str]:
+        return ["backbone"] + [f"experts[{m}]" for m in range(len(self.experts))]
+
+    def resolve(self, n_experts: int, n_devices: int) -> "Placement":
+        """A copy with axes and expert ids filled in; ValueError naming the sub-mesh if
+        a device is missing, repeated or shared, axes do not fit, or experts are amiss."""
+        meshes = [self.backbone, *self.experts]
+        if not self.experts:
+            raise ValueError("placement: at least one expert sub-mesh is needed")
+        owner: dict[int, str] = {}
+        for name, sub in zip(self.names(), meshes):
+            if not sub.devices:
+                raise ValueError(f"placement {name!r}: no devices")
+            if len(set(sub.devices)) != len(sub.devices):
+                raise ValueError(f"placement {name!r}: a device is listed twice in {sub.devices}")
+            for d in sub.devices:
+                if not 0 <= d < n_devices:
+                    raise ValueError(f"placement {name!r}: device {d} does not exist "
+                                     f"({n_devices} devices: 0-{n_devices - 1})")
+                if d in owner and not self.allow_shared_devices:
+                    raise ValueError(f"placement: device {d} is in both {owner[d]!r} and {name!r} "
+                                     f"(sub-meshes must be disjoint)")
+                owner.setdefault(d, name)
+        given = [sub.experts for sub in self.experts]
+        if all(g is None for g in given):
+            if len(self.experts) > n_experts:
+                raise ValueError(f"placement: {len(self.experts)} expert sub-meshes for only "
+                                 f"{n_experts} experts")
+            q, r = divmod(n_experts, len(self.experts))
+            bounds = np.cumsum([0] + [q + (m < r) for m in range(len(self.experts))]).tolist()
+            given = [tuple(range(bounds[m], bounds[m + 1])) for m in range(len(self.experts))]
+        elif any(g is None for g in given):
+            raise ValueError("placement: give the experts of every expert sub-mesh, or of none")
+        flat = sorted(e for g in given for e in g)
+        if flat != list(range(n_experts)) or any(not g for g in given):
+            raise ValueError(f"placement: expert sub-meshes host experts {list(given)}; each of "
+                             f"the {n_experts} experts (0-{n_experts - 1}) must be on exactly one, "
+                             f"and each sub-mesh needs at least one")
+        axes = [resolve_axes(sub.axes or (("dp", -1),), len(sub.devices), where=f"placement {n!r}")
+                for n, sub in zip(self.names(), meshes)]
+        return Placement(SubMesh(self.backbone.devices, axes[0]),
+                         tuple(SubMesh(s.devices, a, tuple(g))
+                               for s, a, g in zip(self.experts, axes[1:], given)),
+                         self.allow_shared_devices)
+
+
+def even_placement(n_devices: int, n_expert_meshes: int, *, backbone_devices: int | None = None) -> Placement:
+    """Backbone on the first devices, the rest split evenly over the expert meshes
+    (leftovers go to the backbone). On fewer devices than meshes, meshes share devices."""
+    if n_devices < n_expert_meshes + 1:
+        return Placement(SubMesh((0,)), tuple(SubMesh(((m + 1) % n_devices,)) for m in range(n_expert_meshes)),
+                         allow_shared_devices=True)
+    bb = backbone_devices or max(1, n_devices // 2)
+    per = max(1, (n_devices - bb) // n_expert_meshes)
+    bb = n_devices - per * n_expert_meshes
+    return Placement(SubMesh(tuple(range(bb))),
+                     tuple(SubMesh(tuple(range(bb + m * per, bb + (m + 1) * per))) for m in range(n_expert_meshes)))
+
+
+@dataclasses.dataclass
+class _Mesh:
+    name: str
+    mesh: jax.sharding.Mesh
+    rules: dict
+    hidden: jax.sharding.NamedSharding     # [B, T, D]
+    index: list                            # block index i as a replicated int32 on this mesh
+
+
+class MpmdStep:
+    """A MoDE training step over the sub-meshes of a `Placement`. Build, `place`, call."""
+
+    def __init__(self, params, cfg: LlamaConfig, opt: OptimConfig, placement: Placement, *,
+                 trainable: str = "experts_and_gates", batch_size: int, seq_len: int,
+                 masked: bool = False, fast: FastConfig | None = None, combine=platform_gated_combine,
+                 devices=None, compiler_options: dict | None = None):
+        """params: the stacked MoDE tree (arrays or ShapeDtypeStructs), read for shapes.
+        fast: None for ref/'s float32 layer math, a FastConfig for fast/model.py's.
+        Every check (devices, experts, divisibility) runs here, before any compile.
+        compiler_options go to every `jax.jit` (tests use them to compile faster)."""
+        if trainable not in MPMD_TRAINABLE:
+            raise ValueError(f"MPMD trains {MPMD_TRAINABLE} (the backbone is frozen), got {trainable!r}")
+        devices = list(jax.devices() if devices is None else devices)
+        n_blocks, n_experts = params["blocks"]["experts"]["wq"].shape[:2]
+        self.placement = placement.resolve(n_experts, len(devices))
+        self.num, self.opt, self.trainable, self.n_blocks = C.Numerics(cfg, fast), opt, trainable, n_blocks
+        self.train_experts = trainable == "experts_and_gates"
+        self.per_block = params["backbone"]["layers"]["wq"].shape[0] // n_blocks
+        shape = (batch_size, seq_len, cfg.d_model)
+        self.meshes = []
+        for name, sub in zip(self.placement.names(), [self.placement.backbone, *self.placement.experts]):
+            mesh = make_mesh(sub.axes, [devices[d] for d in sub.devices], where=f"placement {name!r}")
+            rules = rules_for_axes(mesh.axis_names)
+            hidden = activation_sharding("hidden", shape, mesh, rules, where=f"placement {name!r}")
+            self.meshes.append(_Mesh(name, mesh, rules, hidden,
+                                     [place(np.int32(i), replicated(mesh)) for i in range(n_blocks)]))
+        bb = self.meshes[0]
+        where = f"placement 'backbone' {dict(bb.mesh.shape)}"
+        comps = self._split(params)
+        self.shardings = {
+            "backbone": shardings_for(comps["backbone"], bb.mesh, bb.rules, where=where),
+            "gates": shardings_for(comps["gates"], bb.mesh, bb.rules, where=where),
+            "experts": [shardings_for(e, m.mesh, m.rules, where=f"placement {m.name!r} {dict(m.mesh.shape)}")
+                        for e, m in zip(comps["experts"], self.meshes[1:])],
+            "batch": batch_shardings(bb.mesh, bb.rules, batch_size=batch_size, seq_len=seq_len,
+                                     masked=masked, where=where),
+        }
+        self.stack = [activation_sharding("stack", (len(s.experts), *shape), m.mesh, m.rules,
+                                          where=f"placement {m.name!r}")
+                      for s, m in zip(self.placement.experts, self.meshes[1:])]
+        self.stack_bb = [activation_sharding("stack", (len(s.experts), *shape), bb.mesh, bb.rules, where=where)
+                         for s in self.placement.experts]
+        self._compile_fns(combine, functools.partial(jax.jit, compiler_options=compiler_options))
+
+    # ------------------------------------------------------------------ layout
+    def _split(self, params) -> dict:
+        """The stacked tree -> {"backbone", "gates", "experts": [per expert mesh]}."""
+        blocks = params["blocks"]
+        experts = [{"experts": jax.tree.map(lambda a: a[:, list(s.experts)], blocks["experts"])}
+                   for s in self.placement.experts]
+        return {"backbone": params["backbone"], "experts": experts,
+                "gates": {"gate_w": blocks["gate_w"], "gate_b": blocks["gate_b"]}}
+
+    def place(self, params) -> dict:
+        """The stacked tree laid out on the sub-meshes, with optimizer states."""
+        comps = self._split(params)
+        state = {k: place(comps[k], self.shardings[k]) for k in ("backbone", "gates")}
+        state["experts"] = [place(e, s) for e, s in zip(comps["experts"], self.shardings["experts"])]
+
+        def init(tree, shardings, mesh):
+            out = {"mu": shardings, "nu": shardings, "count": replicated(mesh)}
+            return jax.jit(adamw_init, out_shardings=out)(tree)
+        state["opt"] = {"gates": init(state["gates"], self.shardings["gates"], self.meshes[0].mesh),
+                        "experts": [init(e, s, m.mesh) if self.train_experts else None for e, s, m in
+                                    zip(state["experts"], self.shardings["experts"], self.meshes[1:])]}
+        return state
+
+    def place_batch(self, batch: dict) -> dict:
+        return place(batch, {k: self.shardings["batch"][k] for k in batch})
+
+    def gather(self, state) -> dict:
+        """The stacked tree back from the sub-meshes (host numpy; for checks)."""
+        ids = [e for s in self.placement.experts for e in s.experts]
+        order = np.argsort(ids)
+        experts = jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts], axis=1)[:, order],
+                               *[e["experts"] for e in state["experts"]])
+        gates = jax.tree.map(np.asarray, state["gates"])
+        return {"backbone": jax.tree.map(np.asarray, state["backbone"]),
+                "blocks": {"experts": experts, **gates}}
+
+    # ------------------------------------------------------------------ per-mesh functions
+    def _compile_fns(self, combine, jit):
+        num, per_block, bb = self.num, self.per_block, self.meshes[0]
+        order = tuple(e for s in self.placement.experts for e in s.experts)
+        token_axes = batch_axes(bb.mesh, bb.rules)
+
+        def merge_combine(logits, outputs):
+            return sharded_gated_combine(logits, outputs, mesh=bb.mesh, token_axes=token_axes,
+                                         combine=combine)
+
+        def embed(backbone, tokens):
+            return jax.lax.with_sharding_constraint(num.embed(backbone, tokens[:, :-1]), bb.hidden)
+
+        def bb_fwd(layers, x, i):
+            return jax.vjp(lambda x: C.backbone_block(layers, x, i, per_block=per_block, num=num), x)
+
+        def merge_fwd(gates, x, h_bb, outs, i):
+            def f(w, b, x, h_bb, outs):
+                y = C.gate_merge(w, b, x, h_bb, outs, combine=merge_combine, expert_order=order)
+                return jax.lax.with_sharding_constraint(y, bb.hidden)
+            return jax.vjp(f, gates["gate_w"][i], gates["gate_b"][i], x, h_bb, outs)
+
+        def head(backbone, y, batch):
+            def loss(y):
+                m = num.head_metrics(backbone, y, batch["tokens"][:, 1:], batch.get("mask"))
+                return m["loss"], m
+            (_, metrics), dy = jax.value_and_grad(loss, has_aux=True)(y)
+            return metrics, dy
+
+        def make_ex_fwd(stack):
+            def ex_fwd(experts, x, i):
+                def f(p, x):
+                    return jax.lax.with_sharding_constraint(C.experts_forward(p, x, num), stack)
+                p_i = C.take_block(experts["experts"], i)
+                if self.train_experts:
+                    return jax.vjp(f, p_i, x)
+                return jax.vjp(lambda x: f(p_i, x), x)
+            return jit(ex_fwd)
+
+        def stack_norm(grads):            # per-block grads -> [n_blocks, ...] and its squared norm
+            stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+            return stacked, sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(stacked))
+
+        opt = self.opt
+
+        def update(grads, state, params, sq_norms):
+            norm = jnp.sqrt(sum(sq_norms))
+            return adamw_update(grads, state, params, opt, decay=decay_mask(params), grad_norm=norm)
+
+        def make_update(shardings, mesh):   # outputs keep the placed layout: no recompiles next step
+            out = (shardings, {"mu": shardings, "nu": shardings, "count": replicated(mesh)}, replicated(mesh))
+            return jit(update, donate_argnums=(1, 2), out_shardings=out)
+
+        self._embed, self._bb_fwd, self._merge_fwd = jit(embed), jit(bb_fwd), jit(merge_fwd)
+        self._head, self._add = jit(head), jit(lambda parts: sum(parts[1:], parts[0]))
+        self._apply = jit(lambda vjp, ct: vjp(ct))
+        self._ex_fwd = [make_ex_fwd(s) for s in self.stack]
+        self._stack_norm = jit(stack_norm)
+        self._update = [make_update(self.shardings["gates"], bb.mesh)] + [
+            make_update(s, m.mesh) for s, m in zip(self.shardings["experts"], self.meshes[1:])]
+
+    # ------------------------------------------------------------------ the step
+    def __call__(self, state: dict, batch: dict, *, profile: dict | None = None):
+        """One step; batch from `place_batch`. Returns (new state, metrics). With a
+        `profile` dict, every dispatch is waited for and its seconds added to
+        profile[mesh name] or profile["transfer"] (serialises the meshes: for
+        measuring busy time, not for speed)."""
+        def run(kind, fn, *args):
+            if profile is None:
+                return fn(*args)
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(fn(*args))
+            profile[kind] = profile.get(kind, 0.0) + time.perf_counter() - t0
+            return out
+
+        def put(x, sharding):
+            return run("transfer", jax.device_put, x, sharding)
+
+        bb, ex_meshes = self.meshes[0], self.meshes[1:]
+        x = run(bb.name, self._embed, state["backbone"], batch["tokens"])
+        tapes = []
+        for i in range(self.n_blocks):
+            xs = [put(x, m.hidden) for m in ex_meshes]
+            ex = [run(m.name, f, e, xm, m.index[i])
+                  for m, f, e, xm in zip(ex_meshes, self._ex_fwd, state["experts"], xs)]
+            h_bb, vjp_bb = run(bb.name, self._bb_fwd, state["backbone"]["layers"], x, bb.index[i])
+            outs = [put(o, s) for (o, _), s in zip(ex, self.stack_bb)]
+            x, vjp_merge = run(bb.name, self._merge_fwd, state["gates"], x, h_bb, outs, bb.index[i])
+            tapes.append((vjp_merge, vjp_bb, [v for _, v in ex]))
+        metrics, dy = run(bb.name, self._head, state["backbone"], x, batch)
+        g_gates, g_experts = [], [[] for _ in ex_meshes]
+        for i in reversed(range(self.n_blocks)):
+            vjp_merge, vjp_bb, vjp_ex = tapes[i]
+            d_w, d_b, dx, dh_bb, d_outs = run(bb.name, self._apply, vjp_merge, dy)
+            d_outs = [put(d, s) for d, s in zip(d_outs, self.stack)]
+            ex = [run(m.name, self._apply, v, d) for m, v, d in zip(ex_meshes, vjp_ex, d_outs)]
+            dx_bb, = run(bb.name, self._apply, vjp_bb, dh_bb)
+            dxs = [put(r[-1], bb.hidden) for r in ex]
+            if i:                                   # block 0's input is the frozen embedding
+                dy = run(bb.name, self._add, [dx, dx_bb, *dxs])
+            g_gates.insert(0, {"gate_w": d_w, "gate_b": d_b})
+            for m, r in enumerate(ex):
+                if self.train_experts:
+                    g_experts[m].insert(0, {"experts": r[0]})
+        return self._optimizer_step(state, g_gates, g_experts, metrics, run, put)
+
+    def _optimizer_step(self, state, g_gates, g_experts, metrics, run, put):
+        bb, ex_meshes = self.meshes[0], self.meshes[1:]
+        grads = [run(bb.name, self._stack_norm, g_gates)]
+        if self.train_experts:
+            grads += [run(m.name, self._stack_norm, g) for m, g in zip(ex_meshes, g_experts)]
+        targets = self.meshes[:len(grads)]
+        sq = [[put(sq, replicated(t.mesh)) for _, sq in grads] for t in targets]
+        new = {"backbone": state["backbone"], "experts": state["experts"], "opt": dict(state["opt"])}
+        new["gates"], new["opt"]["gates"], stats = run(
+            bb.name, self._update[0], grads[0][0], state["opt"]["gates"], state["gates"], sq[0])
+        if self.train_experts:
+            updated = [run(m.name, u, g[0], o, e, s) for m, u, g, o, e, s in
+                       zip(ex_meshes, self._update[1:], grads[1:], state["opt"]["experts"],
+                           state["experts"], sq[1:])]
+            new["experts"] = [u[0] for u in updated]
+            new["opt"]["experts"] = [u[1] for u in updated]
+        return new, {**metrics, **stats}
