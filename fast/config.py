@@ -32,8 +32,11 @@ class FastConfig:
     # Tokens per logits chunk in the loss: at most [loss_chunk, V] logits exist at once.
     loss_chunk: int = 4096
     # Rematerialisation of each scanned layer: 'none' saves every residual, 'dots' saves
-    # only matmul outputs, 'full' recomputes the layer in the backward pass.
-    remat: str = "none"
+    # only matmul outputs, 'full' recomputes the layer in the backward pass. 'full' is
+    # the default because it was fastest on the H100 for full FT, LoRA and MoDE alike
+    # (bench/RESULTS.md): at width 576 the step is bound by memory traffic, and
+    # recomputing a layer costs less than writing and re-reading its activations.
+    remat: str = "full"
     scan_unroll: int = 1        # lax.scan unroll factor over layers
     # q|k|v and gate|up projections as one matmul each (weights concatenated per layer).
     fuse_projections: bool = True
