@@ -1,0 +1,55 @@
+"""`mode-jax finetune --method full|lora`: the paper's baselines, on the same mixture and budget.
+
+Both train on the mixture of the target domains (domains.targets, equal rows per
+domain) for train.steps steps of train.batch_size rows, the same token budget as
+`compose`:
+  full   every backbone weight (embedding and LM head included), learning rate lr.full
+  lora   low-rank adapters W + (alpha / rank) A B on the attention projections
+         (lora.targets = "attn", rank lora.rank = 16: the paper's best), lr.lora
+
+    mode-jax finetune --method lora --preset cpu --out runs/lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mode_jax.pipeline import cliargs
+
+
+def register(sub) -> None:
+    p = sub.add_parser("finetune", help="baselines: full fine-tuning or LoRA on the same mixture",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, choices=("full", "lora"))
+    p.add_argument("--steps", type=int, default=None, help="training steps (= --set train.steps=N)")
+    cliargs.add_config_args(p)
+    cliargs.add_run_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from mode_jax.commands.train_expert import summary
+    from mode_jax.pipeline import runs, stages
+
+    if args.steps is not None:
+        args.overrides.append(f"train.steps={args.steps}")
+    cfg = cliargs.config_from_args(args)
+    deadline = cliargs.deadline(args)
+    ctx = stages.prepare(cfg, cfg.domains.targets, progress=not args.quiet)
+    ctx.deadline, ctx.throttle = deadline, args.throttle
+    out = args.out or runs.default_out("finetune", args.method)
+    run_dir = runs.RunDir.create(out, cfg, kind=f"finetune-{args.method}", resume=args.resume,
+                                 info={"method": args.method, "backbone": ctx.backbone.name,
+                                       "backbone_fingerprint": ctx.backbone.fingerprint})
+    if run_dir.is_done():
+        print(summary(run_dir.result()))
+        return 0
+    result = stages.finetune(ctx, run_dir, args.method)
+    if result is None:
+        print(f"stopped at the time limit; rerun the same command with --out {run_dir.path} --resume",
+              file=sys.stderr)
+        return 0
+    print(summary(result))
+    print(run_dir.path / result["model_file"])
+    return 0

@@ -1,0 +1,61 @@
+"""`mode-jax train-expert --domain DOMAIN`: stage 1, one expert on one domain, backbone frozen.
+
+MoDE with N = 1 (paper section 3.1): beside each of the backbone's n_blocks blocks
+runs a stack of expert_layers new transformer layers, and a per-token gate of two
+outputs mixes backbone and expert. Only the expert layers and the gates train.
+The result is a standalone expert file, <out>/expert-<domain>.safetensors (layers,
+stage-1 gate, domain, config, backbone fingerprint), that `compose` accepts from any
+run on the same backbone.
+
+    mode-jax train-expert --domain code --preset cpu --out runs/expert-code
+    mode-jax train-expert --domain code --out runs/expert-code --resume   # after a crash
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mode_jax.pipeline import cliargs
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train-expert", help="stage 1: train one expert on one domain (backbone frozen)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--domain", required=True, help="math, code or english")
+    p.add_argument("--steps", type=int, default=None, help="training steps (= --set train.stage1_steps=N)")
+    cliargs.add_config_args(p)
+    cliargs.add_run_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from mode_jax.pipeline import runs, sources, stages
+
+    sources.check_domains([args.domain])
+    if args.steps is not None:
+        args.overrides.append(f"train.stage1_steps={args.steps}")
+    cfg = cliargs.config_from_args(args)
+    deadline = cliargs.deadline(args)
+    ctx = stages.prepare(cfg, [args.domain], progress=not args.quiet)
+    ctx.deadline, ctx.throttle = deadline, args.throttle
+    out = args.out or runs.default_out("expert", args.domain)
+    run_dir = runs.RunDir.create(out, cfg, kind="train-expert", resume=args.resume,
+                                 info={"domain": args.domain, "backbone": ctx.backbone.name,
+                                       "backbone_fingerprint": ctx.backbone.fingerprint})
+    if run_dir.is_done():
+        print(summary(run_dir.result()))
+        return 0
+    result = stages.train_expert(ctx, run_dir, args.domain)
+    if result is None:
+        print(f"stopped at the time limit; continue with: mode-jax train-expert --domain {args.domain} "
+              f"--out {run_dir.path} --resume", file=sys.stderr)
+        return 0
+    print(summary(result))
+    print(run_dir.path / result["expert_file"])
+    return 0
+
+
+def summary(result: dict) -> str:
+    parts = [f"{d} acc {100 * v['accuracy']:.2f}% loss {v['loss']:.3f}" for d, v in result["domains"].items()]
+    return f"{result['label']}: " + ", ".join(parts)

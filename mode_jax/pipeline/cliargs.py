@@ -1,0 +1,91 @@
+"""Command-line options shared by the training and evaluation commands.
+
+Every command takes its configuration as a preset or a TOML file plus flags;
+the convenience flags (--steps, --lr, ...) are shorthands for `--set` overrides,
+so one mechanism resolves them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+from mode_jax.pipeline import presets
+
+CONFIG_HELP = """configuration: --preset NAME (configs/NAME.toml: smoke, cpu, gpu) or --config FILE,
+then --set section.key=value overrides (see configs/*.toml for every key)."""
+
+
+def add_config_args(p: argparse.ArgumentParser, *, default_preset: str | None = "cpu") -> None:
+    g = p.add_argument_group("configuration")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None,
+                     help=f"a preset from configs/ (smoke, cpu, gpu){f'; default {default_preset}' if default_preset else ''}")
+    src.add_argument("--config", default=None, metavar="FILE", help="a TOML config file (e.g. a run's config.toml)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.steps=20 (repeatable)")
+    g.add_argument("--data-dir", default=None, help="built data directory (= --set data.dir=...)")
+    g.add_argument("--model", default=None, help="backbone: a fetched model name, a .gguf path, or 'tiny'")
+    g.add_argument("--seed", type=int, default=None, help="= --set train.seed=N")
+    p.set_defaults(default_preset=default_preset)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run directory")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="run directory (default runs/<command>-<time>); holds config.toml, metrics.jsonl, "
+                        "checkpoints/ and the results")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (same config required)")
+    g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop training after this many seconds, with a checkpoint; rerun with --resume to go on")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    # Testing kill-and-resume: sleep after each training step so a test can kill mid-run.
+    g.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
+    _add_mesh_args(p)
+
+
+def _add_mesh_args(p: argparse.ArgumentParser) -> None:
+    """--mesh / --placement from mode_jax.distributed, when that module exists.
+    The multi-device options (see `check_parallelism`)."""
+    try:
+        distributed = importlib.import_module("mode_jax.distributed")
+    except ImportError:
+        return
+    if hasattr(distributed, "add_mesh_args"):
+        distributed.add_mesh_args(p)
+
+
+def check_parallelism(args) -> None:
+    """The pipeline commands train on one device. THE single place to wire
+    `mode_jax.distributed.mesh_from_args(args)` in when they learn to shard; until then
+    a mesh or placement other than the default is refused rather than ignored."""
+    mesh = getattr(args, "mesh", None)
+    if getattr(args, "placement", None) or mesh not in (None, "dp") or getattr(args, "coordinator", None):
+        from mode_jax.errors import UserError
+        raise UserError("--mesh / --placement / --coordinator: the pipeline commands train on one device "
+                        "for now (sharded training lives in mode_jax.fast.spmd / mode_jax.fast.mpmd)")
+
+
+def config_from_args(args) -> presets.PipelineConfig:
+    check_parallelism(args)
+    overrides = list(args.overrides)
+    if getattr(args, "data_dir", None):
+        overrides.append(f"data.dir={presets._toml_value(args.data_dir)}")
+    if getattr(args, "model", None):
+        overrides.append(f"model.source={presets._toml_value(args.model)}")
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"train.seed={args.seed}")
+    preset = args.preset or (None if args.config else args.default_preset)
+    return presets.load_config(preset=preset, config=args.config, overrides=overrides)
+
+
+def deadline(args) -> float | None:
+    limit = getattr(args, "time_limit", None)
+    if limit is None:
+        return None
+    if limit <= 0:
+        from mode_jax.errors import UserError
+        raise UserError(f"--time-limit must be > 0 seconds, got {limit}")
+    return time.time() + limit

@@ -1,0 +1,263 @@
+"""The training and evaluation loops every command shares.
+
+`make_steps(method, cfg, ...)` is the one place that picks how a step runs: the
+accelerated path (`mode_jax.fast.train`) when it is importable and offers the
+interface below, otherwise the reference (`mode_jax.ref.train`). Both compute the
+same function; the loops here do not care which they got.
+
+`train_loop` runs steps with a progress bar (tokens/s and loss), logs metrics to
+the run directory, checkpoints every N steps and, on --resume, continues from the
+last checkpoint with exactly the batches and state it would have had. `evaluate`
+computes next-token loss and accuracy per domain and, for MoDE models, the gate's
+mean routing weights per block (what the gate learned; paper eq. 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mode_jax.pipeline import checkpoint
+from mode_jax.pipeline.runs import RunDir
+from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
+from mode_jax.ref.llama import lm_head
+from mode_jax.ref.methods import METHODS, apply, merge, partition
+from mode_jax.ref.mode import mode_hidden
+from mode_jax.ref.optim import adamw_init, adamw_update
+from mode_jax.ref.train import batch_metrics, next_token_metrics
+from mode_jax.ref.train import train_step as ref_train_step
+
+GATE_KEYS = ("gate_w", "gate_b")
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    init_opt: Callable          # trainable -> optimizer state
+    train_step: Callable        # (trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)
+    eval_step: Callable         # (params, tokens [B, T+1]) -> {"loss", "accuracy", "routing" | None}
+    prepare_frozen: Callable    # frozen params -> frozen params as the step wants them (dtype)
+    backend: str                # "ref" or "fast"
+    to_backend: Callable        # reference-layout params -> the layout the steps take
+    from_backend: Callable      # and back (exact: arrays are only stacked / unstacked)
+
+
+def to_compute(tree, dtype):
+    """Cast every leaf to the compute dtype, except the gates (float32 by design, eq. 2)."""
+    if dtype == jnp.float32:
+        return tree
+
+    def cast(path, x):
+        last = getattr(path[-1], "key", None)
+        return x if last in GATE_KEYS else x.astype(dtype)
+    return jax.tree_util.tree_map_with_path(cast, tree)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "opt", "lora", "compute_dtype"))
+def _mixed_train_step(trainable, frozen, opt_state, batch, *, cfg, opt, lora, compute_dtype):
+    """ref.train.train_step with the forward in `compute_dtype` (float32 master weights and gates)."""
+    def loss_fn(t):
+        metrics = batch_metrics(merge(to_compute(t, compute_dtype), frozen), batch, cfg, lora)
+        return metrics["loss"], metrics
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    trainable, opt_state, stats = adamw_update(grads, opt_state, trainable, opt)
+    return trainable, opt_state, {**metrics, **stats}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora"))
+def _ref_eval_step(params, tokens, *, cfg, lora):
+    """Mean loss and accuracy of one batch, and for MoDE the mean gate weights [n_blocks, E]."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    routing = None
+    if "blocks" in params:
+        h, probs = mode_hidden(params, inputs, cfg, return_probs=True)     # probs: [B, T, E] per block
+        logits = lm_head(params["backbone"], h, cfg)
+        routing = jnp.stack([p.mean(axis=(0, 1)) for p in probs])         # [n_blocks, E]
+    else:
+        logits = apply(params, inputs, cfg, lora)
+    m = next_token_metrics(logits, targets)
+    return {"loss": m["loss"], "accuracy": m["accuracy"], "routing": routing}
+
+
+def fast_available() -> bool:
+    """Whether the accelerated path (mode_jax.fast: train step, stacked params) is importable."""
+    try:
+        from mode_jax.fast import model, params, train  # noqa: F401
+    except ImportError:
+        return False
+    return all(hasattr(train, n) for n in ("train_step", "init_opt_state", "cast_frozen", "eval_step"))
+
+
+def _identity(x):
+    return x
+
+
+def make_steps(method: str, cfg: LlamaConfig, *, opt: OptimConfig, lora: LoraConfig | None = None,
+               compute_dtype: str = "float32", backend: str = "auto", expert_layers: int | None = None) -> Steps:
+    """Train/eval steps for `method` ("stage1", "stage2", ..., "full", "lora").
+
+    backend "auto": the fast path when importable, else the reference; "ref" / "fast": that one.
+    Callers hold params in the reference layout; `Steps.to_backend` / `from_backend` convert."""
+    if backend == "fast" or (backend == "auto" and fast_available()):
+        return _fast_steps(cfg, opt=opt, lora=lora, compute_dtype=compute_dtype, expert_layers=expert_layers)
+    dtype = jnp.dtype(compute_dtype)
+    if dtype == jnp.float32:
+        train = functools.partial(ref_train_step, cfg=cfg, opt=opt, lora=lora)
+    else:
+        train = functools.partial(_mixed_train_step, cfg=cfg, opt=opt, lora=lora, compute_dtype=dtype)
+    evaluate_fn = functools.partial(_ref_eval_step, cfg=cfg, lora=lora)
+    return Steps(init_opt=adamw_init, train_step=train,
+                 eval_step=lambda params, tokens: evaluate_fn(to_compute(params, dtype), tokens),
+                 prepare_frozen=lambda frozen: to_compute(frozen, dtype), backend="ref",
+                 to_backend=_identity, from_backend=_identity)
+
+
+def _fast_steps(cfg, *, opt, lora, compute_dtype, expert_layers) -> Steps:
+    from mode_jax.fast import params as fast_params
+    from mode_jax.fast import train as fast_train
+    from mode_jax.fast.config import FastConfig
+
+    fast = FastConfig(compute_dtype=compute_dtype)
+    train = functools.partial(fast_train.train_step, cfg=cfg, opt=opt, lora=lora, fast=fast)
+    evaluate_fn = functools.partial(_fast_eval_step, cfg=cfg, lora=lora, fast=fast)
+    return Steps(init_opt=lambda t: fast_train.init_opt_state(t, opt), train_step=train,
+                 eval_step=evaluate_fn, prepare_frozen=lambda f: fast_train.cast_frozen(f, fast),
+                 backend="fast",
+                 to_backend=lambda p: fast_params.to_fast(p, expert_layers=expert_layers),
+                 from_backend=fast_params.to_ref)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora", "fast"))
+def _fast_eval_step(params, tokens, *, cfg, lora, fast):
+    """As _ref_eval_step, on the fast path's stacked params (chunked loss, no [B, T, V] logits)."""
+    from mode_jax.fast import loss as fast_loss
+    from mode_jax.fast import model as fast_model
+
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    routing = None
+    if "blocks" in params:
+        h, probs = fast_model.mode_hidden(params, inputs, cfg, fast, return_probs=True)
+        routing = jnp.stack([p.mean(axis=(0, 1)) for p in probs])         # [n_blocks, E]
+    else:
+        h = fast_model.hidden(params, inputs, cfg, fast, lora)
+    backbone = params["backbone"]
+    hn = fast_model.final_norm(backbone, h, cfg)
+    m = fast_loss.next_token_metrics(hn, fast_model.head_weight(backbone, cfg), targets, chunk=fast.loss_chunk)
+    return {"loss": m["loss"], "accuracy": m["accuracy"], "routing": routing}
+
+
+def _bar_interval() -> float:
+    """Redraw often on a terminal; in a log file (no TTY) every 30 s is plenty."""
+    return 0.2 if sys.stderr.isatty() else 30.0
+
+
+def param_count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    params: dict               # trained model (float32), frozen parts untouched
+    finished: bool             # False: stopped at the time limit (a checkpoint holds the state)
+    steps_done: int
+    trainable_params: int
+    seconds: float
+
+
+def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Steps,
+               batch_fn: Callable[[int], np.ndarray], total_steps: int, checkpoint_every: int,
+               log_every: int = 1, seed: int = 0, progress: bool = True, deadline: float | None = None,
+               throttle: float = 0.0) -> TrainOutcome:
+    """Train `params` for `total_steps` on `batch_fn(step)` (int32 [B, T+1]); resumable.
+
+    A checkpoint in `run` (from an earlier, interrupted call) is picked up
+    automatically: training continues from its step. `deadline` (time.time()) stops
+    early, after writing a checkpoint, so a long job can be split into calls."""
+    from tqdm.auto import tqdm
+
+    trainable, frozen = partition(steps.to_backend(params), METHODS[method])
+    # Own copies: a donating step must never free arrays the caller still holds (the backbone).
+    trainable = jax.tree.map(jnp.copy, trainable)
+    opt_state = steps.init_opt(trainable)
+    frozen_compute = steps.prepare_frozen(frozen)
+    start, tokens_seen = 0, 0
+    found = checkpoint.latest(run.checkpoints)
+    if found is not None:
+        trainable, opt_state, meta = checkpoint.restore(found, trainable_template=trainable,
+                                                        opt_template=opt_state)
+        start, tokens_seen = meta["step"], meta["tokens_seen"]
+        run.truncate_metrics(phase, start)
+    n_train = param_count(trainable)
+    began = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start, desc=phase, unit="step", disable=not progress,
+               dynamic_ncols=True, leave=True, mininterval=_bar_interval())
+
+    def save(step):
+        checkpoint.save(run.checkpoints, step=step, trainable=trainable, opt_state=opt_state,
+                        meta={"phase": phase, "tokens_seen": tokens_seen, "data_position": step,
+                              "seed": seed, "prng_key": [int(x) for x in np.asarray(
+                                  jax.random.key_data(jax.random.key(seed)))]})
+
+    last, last_done = time.perf_counter(), start
+    for step in range(start, total_steps):
+        if deadline is not None and time.time() > deadline:
+            save(step)
+            bar.close()
+            print(f"{phase}: time limit reached at step {step}/{total_steps}; checkpoint saved", file=sys.stderr)
+            return TrainOutcome(params, False, step, n_train, time.perf_counter() - began)
+        batch = {"tokens": jnp.asarray(batch_fn(step))}
+        trainable, opt_state, m = steps.train_step(trainable, frozen_compute, opt_state, batch)
+        done = step + 1
+        tokens_seen += int(np.prod(batch["tokens"][:, 1:].shape))
+        if done % log_every == 0 or done == total_steps:
+            # Only here does the host wait for the device, so steps in between queue up.
+            loss = float(m["loss"])
+            now = time.perf_counter()
+            rate = (done - last_done) * int(np.prod(batch["tokens"][:, 1:].shape)) / max(now - last, 1e-9)
+            last, last_done = now, done
+            run.log({"phase": phase, "step": done, "loss": loss, "accuracy": float(m["accuracy"]),
+                     "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                     "tokens_seen": tokens_seen, "tokens_per_s": round(rate, 1)})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+        bar.update(1)
+        if checkpoint_every and done % checkpoint_every == 0 and done < total_steps:
+            save(done)
+        if throttle:
+            time.sleep(throttle)
+    bar.close()
+    trained = steps.from_backend(merge(trainable, frozen))
+    return TrainOutcome(trained, True, total_steps, n_train, time.perf_counter() - began)
+
+
+def evaluate(steps: Steps, params: dict, eval_sets: dict[str, np.ndarray], *, batch_size: int,
+             progress: bool = True, desc: str = "eval") -> dict[str, dict[str, Any]]:
+    """Per domain: mean next-token loss and accuracy over its eval rows (all batches the same
+    size, so the mean of batch means is the token mean), and routing [n_blocks][E] for MoDE."""
+    from tqdm.auto import tqdm
+
+    total = sum(rows.shape[0] // batch_size for rows in eval_sets.values())
+    params = steps.to_backend(params)
+    out = {}
+    with tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False,
+              mininterval=_bar_interval()) as bar:
+        for domain, rows in eval_sets.items():
+            losses, accs, routes = [], [], []
+            for i in range(0, rows.shape[0], batch_size):
+                m = steps.eval_step(params, jnp.asarray(rows[i:i + batch_size]))
+                losses.append(float(m["loss"]))
+                accs.append(float(m["accuracy"]))
+                if m["routing"] is not None:
+                    routes.append(np.asarray(m["routing"], np.float64))
+                bar.update(1)
+            out[domain] = {"loss": float(np.mean(losses)), "accuracy": float(np.mean(accs)),
+                           "tokens": int(rows.shape[0] * (rows.shape[1] - 1))}
+            if routes:
+                out[domain]["routing"] = np.mean(routes, axis=0).round(6).tolist()
+    return out

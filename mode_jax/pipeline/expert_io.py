@@ -1,0 +1,247 @@
+"""An expert as a standalone artifact: one safetensors file that loads on its own.
+
+A file holds, for one domain, the expert's layers in every block and its stage-1
+gate (paper section 3.1: stage 1 trains one expert per domain), as float32
+tensors named
+
+    block{i}.layer{j}.{attn_norm,wq,wk,wv,wo,mlp_norm,w_gate,w_up,w_down}
+    block{i}.gate_w  [D, 2]      block{i}.gate_b  [2]      (column 0: the backbone)
+
+and string metadata: the format tag, the domain, the backbone's shape
+(`LlamaConfig` as JSON), the block layout (`ModeConfig` as JSON), the backbone
+fingerprint (sha256 of its tensors, see sources.fingerprint) and how it was
+trained. `compose` accepts experts trained in separate runs, by other people,
+only if every one of them agrees with the backbone in use: a different backbone
+shape or width, block layout, or fingerprint is refused with the field named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mode_jax.atomic import atomic_path
+from mode_jax.errors import UserError
+from mode_jax.ref.config import LlamaConfig, ModeConfig
+from mode_jax.ref.llama import LAYER_KEYS, layer_shapes
+
+FORMAT = "mode-jax-expert/1"
+
+
+class ExpertFileError(UserError, ValueError):
+    """An expert file that is missing, truncated, of another format, or incompatible."""
+
+
+@dataclasses.dataclass
+class Expert:
+    domain: str
+    layers: list[list[dict]]                 # [block][layer] -> {key: array}
+    gates: list[tuple[np.ndarray, np.ndarray]]  # [block] -> (gate_w [D, 2], gate_b [2])
+    llama: LlamaConfig
+    mode: ModeConfig                         # n_experts=1
+    backbone_fingerprint: str
+    training: dict[str, Any]
+    path: Path | None = None
+
+    def stage1_model(self, backbone_params: dict) -> dict:
+        """The single-expert MoDE param tree around `backbone_params` (ref.mode layout)."""
+        return {"backbone": backbone_params,
+                "blocks": [{"experts": [layers], "gate_w": w, "gate_b": b}
+                           for layers, (w, b) in zip(self.layers, self.gates)]}
+
+
+def from_stage1(params: dict, *, domain: str, llama: LlamaConfig, mode: ModeConfig, fingerprint: str,
+                training: dict[str, Any]) -> Expert:
+    """The expert held by a trained stage-1 model (one expert per block)."""
+    blocks = params["blocks"]
+    layers = [[{k: np.asarray(v, np.float32) for k, v in layer.items()} for layer in b["experts"][0]]
+              for b in blocks]
+    gates = [(np.asarray(b["gate_w"], np.float32), np.asarray(b["gate_b"], np.float32)) for b in blocks]
+    return Expert(domain, layers, gates, llama, dataclasses.replace(mode, n_experts=1), fingerprint, training)
+
+
+def save_expert(path: str | os.PathLike, expert: Expert) -> Path:
+    """Write the expert atomically; returns the path."""
+    from safetensors.numpy import save_file
+    tensors = {}
+    for i, (block, (w, b)) in enumerate(zip(expert.layers, expert.gates)):
+        for j, layer in enumerate(block):
+            for key in LAYER_KEYS:
+                tensors[f"block{i}.layer{j}.{key}"] = np.ascontiguousarray(layer[key], np.float32)
+        tensors[f"block{i}.gate_w"] = np.ascontiguousarray(w, np.float32)
+        tensors[f"block{i}.gate_b"] = np.ascontiguousarray(b, np.float32)
+    metadata = {
+        "format": FORMAT, "domain": expert.domain,
+        "llama_config": json.dumps(dataclasses.asdict(expert.llama), sort_keys=True),
+        "mode_config": json.dumps(dataclasses.asdict(expert.mode), sort_keys=True),
+        "backbone_fingerprint": expert.backbone_fingerprint,
+        "training": json.dumps(expert.training, sort_keys=True),
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def load_expert(path: str | os.PathLike) -> Expert:
+    """Read and check one expert file; raises ExpertFileError with a one-line reason."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise ExpertFileError(f"expert file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ExpertFileError(f"{path} is not a readable safetensors file (truncated or of another "
+                              f"format: {reason})") from None
+    if metadata.get("format") != FORMAT:
+        raise ExpertFileError(f"{path} is not a mode-jax expert file (metadata format is "
+                              f"{metadata.get('format')!r}, expected {FORMAT!r})")
+    try:
+        llama = LlamaConfig(**json.loads(metadata["llama_config"]))
+        mode = ModeConfig(**json.loads(metadata["mode_config"]))
+        training = json.loads(metadata.get("training", "{}"))
+        domain, fp = metadata["domain"], metadata["backbone_fingerprint"]
+    except (KeyError, ValueError, TypeError) as err:
+        raise ExpertFileError(f"{path}: damaged expert metadata ({type(err).__name__}: {err})") from None
+    shapes = layer_shapes(llama)
+    layers, gates = [], []
+    for i in range(mode.n_blocks):
+        block = []
+        for j in range(mode.expert_layers):
+            layer = {}
+            for key in LAYER_KEYS:
+                layer[key] = _tensor(tensors, f"block{i}.layer{j}.{key}", shapes[key], path)
+            block.append(layer)
+        layers.append(block)
+        gates.append((_tensor(tensors, f"block{i}.gate_w", (llama.d_model, 2), path),
+                      _tensor(tensors, f"block{i}.gate_b", (2,), path)))
+    expected = mode.n_blocks * (mode.expert_layers * len(LAYER_KEYS) + 2)
+    if len(tensors) != expected:
+        raise ExpertFileError(f"{path} holds {len(tensors)} tensors, its metadata implies {expected}")
+    return Expert(domain, layers, gates, llama, mode, fp, training, path)
+
+
+def _tensor(tensors: dict, name: str, shape: tuple, path: Path) -> np.ndarray:
+    if name not in tensors:
+        raise ExpertFileError(f"{path}: tensor {name!r} is missing")
+    t = tensors[name]
+    if tuple(t.shape) != tuple(shape) or t.dtype != np.float32:
+        raise ExpertFileError(f"{path}: tensor {name!r} is {t.dtype}{list(t.shape)}, expected float32{list(shape)}")
+    return t
+
+
+# Fields whose disagreement makes experts incompatible, with the name users see.
+_LLAMA_FIELDS = {"d_model": "width (llama_config.d_model)", "n_layers": "backbone depth (llama_config.n_layers)",
+                 "n_heads": "llama_config.n_heads", "n_kv_heads": "llama_config.n_kv_heads",
+                 "head_dim": "llama_config.head_dim", "d_ff": "llama_config.d_ff",
+                 "vocab_size": "llama_config.vocab_size", "rope_theta": "llama_config.rope_theta",
+                 "norm_eps": "llama_config.norm_eps", "tie_embeddings": "llama_config.tie_embeddings"}
+_MODE_FIELDS = {"n_blocks": "block layout (mode_config.n_blocks)",
+                "expert_layers": "block layout (mode_config.expert_layers)"}
+
+
+def check_compatible(expert: Expert, *, llama: LlamaConfig, mode: ModeConfig, fingerprint: str,
+                     against: str = "this run's backbone") -> None:
+    """Refuse an expert that does not fit (naming the first differing field)."""
+    where = expert.path or f"expert {expert.domain!r}"
+    for field, label in _LLAMA_FIELDS.items():
+        mine, theirs = getattr(expert.llama, field), getattr(llama, field)
+        if mine != theirs:
+            raise ExpertFileError(f"{where}: {label} differs: {mine} in the expert, {theirs} in {against}")
+    for field, label in _MODE_FIELDS.items():
+        mine, theirs = getattr(expert.mode, field), getattr(mode, field)
+        if mine != theirs:
+            raise ExpertFileError(f"{where}: {label} differs: {mine} in the expert, {theirs} in {against}")
+    if expert.backbone_fingerprint != fingerprint:
+        raise ExpertFileError(f"{where}: backbone fingerprint differs: the expert was trained on backbone "
+                              f"{expert.backbone_fingerprint[:16]}..., {against} is {fingerprint[:16]}...")
+
+
+def load_compatible(paths, *, llama: LlamaConfig, mode: ModeConfig, fingerprint: str) -> list[Expert]:
+    """Load several expert files, each checked against the backbone in use and the others."""
+    experts = [load_expert(p) for p in paths]
+    domains = [e.domain for e in experts]
+    dup = sorted({d for d in domains if domains.count(d) > 1})
+    if dup:
+        raise ExpertFileError(f"two experts for the same domain {dup[0]!r}: compose one expert per domain")
+    for e in experts:
+        check_compatible(e, llama=llama, mode=mode, fingerprint=fingerprint)
+    return experts
+
+
+# ----------------------------------------------------------------------------- whole adapted models
+
+MODEL_FORMAT = "mode-jax-model/1"
+
+
+def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dicts/lists of arrays -> {"blocks/0/experts/1/0/wq": array}."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return {prefix: np.ascontiguousarray(np.asarray(tree, np.float32))}
+    out = {}
+    for k, v in items:
+        out.update(flatten(v, f"{prefix}/{k}" if prefix else str(k)))
+    return out
+
+
+def unflatten(flat: dict[str, np.ndarray]):
+    """Inverse of `flatten` (all-digit keys become list indices)."""
+    root: dict = {}
+    for key, value in flat.items():
+        node, parts = root, key.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+
+    def fix(node):
+        if not isinstance(node, dict):
+            return node
+        if node and all(k.isdigit() for k in node):
+            return [fix(node[str(i)]) for i in range(len(node))]
+        return {k: fix(v) for k, v in node.items()}
+    return fix(root)
+
+
+def save_model(path, params: dict, *, method: str, metadata: dict[str, Any]) -> Path:
+    """The adapted part of a model (everything but a frozen backbone; all of it for full FT)."""
+    from safetensors.numpy import save_file
+    part = params if method == "full" else {k: v for k, v in params.items() if k != "backbone"}
+    meta = {**{k: json.dumps(v) for k, v in metadata.items()}, "format": MODEL_FORMAT, "method": method}
+    with atomic_path(path) as tmp:
+        save_file(flatten(part), str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_model(path, backbone_params: dict, *, fingerprint: str) -> tuple[dict, str, dict[str, Any]]:
+    """(params, method, metadata) of a saved adapted model around `backbone_params`."""
+    from safetensors import safe_open
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001
+        raise ExpertFileError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    if meta.get("format") != MODEL_FORMAT:
+        raise ExpertFileError(f"{path} is not a mode-jax model file (format {meta.get('format')!r})")
+    info = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "method")}
+    if info.get("backbone_fingerprint") != fingerprint:
+        raise ExpertFileError(f"{path}: backbone fingerprint differs: the model was trained on "
+                              f"{str(info.get('backbone_fingerprint'))[:16]}..., the backbone in use is "
+                              f"{fingerprint[:16]}...")
+    part = unflatten(flat)
+    params = part if meta["method"] == "full" else {"backbone": backbone_params, **part}
+    return params, meta["method"], info

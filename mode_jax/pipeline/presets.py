@@ -1,0 +1,282 @@
+"""Pipeline configuration: one frozen dataclass per section, read from TOML and flags.
+
+A config is a TOML file with the sections below (every key optional; missing keys
+take the defaults written here), overridden by `--set section.key=value` flags
+(the value is a TOML literal: `--set train.steps=20`, `--set model.source="tiny"`).
+Presets are the files `configs/<name>.toml` of the repository. Every value is
+range-checked on construction; a bad one raises `UserError` naming the key, so the
+CLI exits with one line before anything is written.
+
+The resolved config (every key, defaults included) is written into each run
+directory as `config.toml` and can be given back with `--config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from mode_jax.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+DOMAINS = ("math", "code", "english")          # the paper's Math + Code targets, English retention
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    source: str = "smollm2-135m"   # a name from `mode-jax fetch --list`, a .gguf path, or "tiny" (random)
+    compute_dtype: str = "float32"  # "bfloat16": backbone and expert matmuls in bf16; gates, master weights f32
+    backend: str = "auto"          # "auto": mode_jax.fast when importable, else the reference; "ref"; "fast"
+    seed: int = 0                  # init of the "tiny" random backbone (its fingerprint changes with it)
+    tiny_d_model: int = 32         # shape of the "tiny" backbone (ignored for real models)
+    tiny_n_layers: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    source: str = "built"          # "built": `mode-jax data build` output; "synthetic": made in-process
+    dir: str = ""                  # built data directory ("" = $XDG_CACHE_HOME/mode-jax/data)
+    seq_len: int = 256             # tokens per training / eval row (targets are the next tokens)
+    eval_sequences: int = 32       # test rows per domain, spread evenly over the test split
+    eval_batch_size: int = 8
+    synthetic_documents: int = 400  # per domain and split kind, for source = "synthetic"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeSection:
+    n_blocks: int = 3              # paper: 3 blocks x 2 expert layers
+    expert_layers: int = 2
+    expert_init: str = "copy"      # ModeConfig's default (open question; see docs/MODE.md)
+    gate_init: str = "backbone"    # zero weights, bias gate_margin on the backbone column
+    gate_margin: float = 2.0
+    stage2_gate_from: str = "stage1"  # "stage1": backbone column averaged, expert columns carried; "fresh"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    rank: int = 16                 # paper's best: rank 16 on the attention projections
+    alpha: float = 32.0
+    targets: str = "attn"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    stage1_steps: int = 100        # per expert, on its own domain
+    steps: int = 100               # stage 2 and baselines, on the mixture: the same token budget for all
+    batch_size: int = 8            # rows per step (a multiple of the number of mixture domains)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    checkpoint_every: int = 50     # steps between training-state checkpoints (0 = only when stopped early)
+    log_every: int = 1             # steps between metrics lines
+    seed: int = 0                  # expert / adapter init and the data order
+
+
+@dataclasses.dataclass(frozen=True)
+class LrSection:
+    mode: float = 1e-3             # MoDE experts and gates (the paper's 1e-3)
+    full: float = 1e-4             # full fine-tuning: every backbone weight moves, so a smaller step
+    lora: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainsSection:
+    targets: tuple = ("math", "code")   # the mixture stage 2 and the baselines train on
+    retention: tuple = ("english",)     # evaluated, never trained on
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "mode": ModeSection, "lora": LoraSection,
+            "train": TrainSection, "lr": LrSection, "domains": DomainsSection}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    mode: ModeSection = ModeSection()
+    lora: LoraSection = LoraSection()
+    train: TrainSection = TrainSection()
+    lr: LrSection = LrSection()
+    domains: DomainsSection = DomainsSection()
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def eval_domains(self) -> tuple[str, ...]:
+        return tuple(self.domains.targets) + tuple(d for d in self.domains.retention if d not in self.domains.targets)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: {k: (list(v) if isinstance(v, tuple) else v)
+                       for k, v in dataclasses.asdict(getattr(self, name)).items()} for name in SECTIONS}
+
+
+# (key, low, high, kind): numbers must lie in [low, high]; None = unbounded.
+RANGES = [
+    ("model.seed", 0, None, int), ("model.tiny_d_model", 8, 4096, int), ("model.tiny_n_layers", 1, 256, int),
+    ("data.seq_len", 2, 65536, int), ("data.eval_sequences", 1, None, int),
+    ("data.eval_batch_size", 1, None, int), ("data.synthetic_documents", 10, None, int),
+    ("mode.n_blocks", 1, 256, int), ("mode.expert_layers", 1, 256, int), ("mode.gate_margin", 0.0, 100.0, float),
+    ("lora.rank", 1, 65536, int), ("lora.alpha", 1e-6, None, float),
+    ("train.stage1_steps", 1, None, int), ("train.steps", 1, None, int), ("train.batch_size", 1, None, int),
+    ("train.warmup_steps", 0, None, int), ("train.min_lr_ratio", 0.0, 1.0, float),
+    ("train.weight_decay", 0.0, 1.0, float), ("train.clip_norm", 0.0, None, float),
+    ("train.checkpoint_every", 0, None, int), ("train.log_every", 1, None, int), ("train.seed", 0, None, int),
+    ("lr.mode", 1e-8, 1.0, float), ("lr.full", 1e-8, 1.0, float), ("lr.lora", 1e-8, 1.0, float),
+]
+CHOICES = {
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "model.backend": ("auto", "ref", "fast"),
+    "data.source": ("built", "synthetic"),
+    "mode.expert_init": ("copy", "random"),
+    "mode.gate_init": ("backbone", "uniform"),
+    "mode.stage2_gate_from": ("stage1", "fresh"),
+    "lora.targets": ("attn", "attn_mlp"),
+}
+
+
+def _get(cfg: PipelineConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Raise UserError naming the first key whose value is out of range."""
+    for key, low, high, kind in RANGES:
+        value = _get(cfg, key)
+        ok_type = (isinstance(value, int) and not isinstance(value, bool)) if kind is int else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        if not ok_type:
+            raise UserError(f"config {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise UserError(f"config {key} must be {bounds}, got {value!r}")
+    for key, options in CHOICES.items():
+        if _get(cfg, key) not in options:
+            raise UserError(f"config {key} must be one of {', '.join(options)}, got {_get(cfg, key)!r}")
+    for key in ("domains.targets", "domains.retention"):
+        for d in _get(cfg, key):
+            if d not in DOMAINS:
+                raise UserError(f"unknown domain {d!r} in config {key}; domains are {', '.join(DOMAINS)}")
+    if not cfg.domains.targets:
+        raise UserError("config domains.targets must name at least one domain")
+    if cfg.train.batch_size % len(cfg.domains.targets):
+        raise UserError(f"config train.batch_size={cfg.train.batch_size} must be a multiple of the "
+                        f"{len(cfg.domains.targets)} target domains (equal rows per domain)")
+    if cfg.data.eval_sequences % cfg.data.eval_batch_size:
+        raise UserError(f"config data.eval_sequences={cfg.data.eval_sequences} must be a multiple of "
+                        f"data.eval_batch_size={cfg.data.eval_batch_size}")
+
+
+def _section(cls, values: dict, name: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"unknown config key {name}.{unknown[0]} (known: {', '.join(sorted(fields))})")
+    out = {}
+    for key, value in values.items():
+        default = fields[key].default
+        if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise UserError(f"config {name}.{key} must be a list, got {value!r}")
+            value = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise UserError(f"config {name}.{key} must be a string, got {value!r}")
+        out[key] = value
+    return cls(**out)
+
+
+def from_dict(data: dict[str, Any]) -> PipelineConfig:
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"unknown config section [{unknown[0]}] (known: {', '.join(SECTIONS)})")
+    for name, values in data.items():
+        if not isinstance(values, dict):
+            raise UserError(f"config [{name}] must be a table of keys")
+    return PipelineConfig(**{name: _section(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()})
+
+
+def preset_path(name: str) -> Path:
+    """configs/<name>.toml of the repository (an editable install), else of the working directory."""
+    dirs = [CONFIG_DIR, Path.cwd() / "configs"]
+    for d in dirs:
+        if (d / f"{name}.toml").is_file() and "/" not in name:
+            return d / f"{name}.toml"
+    known = sorted({p.stem for d in dirs for p in d.glob("*.toml")})
+    raise UserError(f"unknown preset {name!r} (known: {', '.join(known) or 'none'}; or pass --config FILE)")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`section.key=value` strings (value: a TOML literal, or a bare word taken as a string)."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise UserError(f"--set {item!r} must look like section.key=value (e.g. train.steps=20)")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        data.setdefault(parts[0], {})
+        if not isinstance(data[parts[0]], dict):
+            raise UserError(f"config [{parts[0]}] must be a table of keys")
+        data[parts[0]][parts[1]] = value
+    return data
+
+
+def load_config(*, preset: str | None = None, config: str | None = None,
+                overrides: list[str] = ()) -> PipelineConfig:
+    """Preset or config file (or the defaults), then overrides, validated."""
+    if preset and config:
+        raise UserError("give either --preset or --config, not both")
+    data = read_toml(preset_path(preset)) if preset else read_toml(config) if config else {}
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+def to_toml(cfg: PipelineConfig) -> str:
+    """The resolved config as TOML (readable back with `load_config(config=...)`)."""
+    lines = []
+    for name, values in cfg.to_dict().items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def first_difference(a: PipelineConfig, b: PipelineConfig) -> str | None:
+    """'section.key: A vs B' for the first differing key, or None."""
+    da, db = a.to_dict(), b.to_dict()
+    for name in da:
+        for key in da[name]:
+            if da[name][key] != db[name][key]:
+                return f"{name}.{key}: {da[name][key]!r} vs {db[name][key]!r}"
+    return None

@@ -1,0 +1,127 @@
+"""One run directory per run: everything a run produces, in one place.
+
+    <run>/config.toml       the resolved config (every key, defaults included)
+    <run>/run.json          what ran: command line, kind, software versions, backbone fingerprint
+    <run>/metrics.jsonl     one JSON object per logged training step (and eval lines)
+    <run>/checkpoints/      training state every N steps (checkpoint.py)
+    <run>/result.json       final evaluation and parameter counts, written last: its presence
+                            means the run finished
+    <run>/expert-*.safetensors, model.safetensors   the trained artifacts
+
+A run directory is only created once every input has been checked, so bad input
+leaves nothing behind. `--resume` reopens one and refuses a config that differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mode_jax.atomic import write_text_atomic
+from mode_jax.errors import UserError
+from mode_jax.pipeline import presets
+
+CONFIG, RUN, METRICS, RESULT = "config.toml", "run.json", "metrics.jsonl", "result.json"
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, path, cfg: presets.PipelineConfig, *, kind: str, info: dict[str, Any] | None = None,
+               resume: bool = False) -> "RunDir":
+        """A fresh run directory (or, with resume, the existing one, whose config must equal `cfg`)."""
+        run = cls(path)
+        if resume:
+            if not (run.path / CONFIG).is_file():
+                raise UserError(f"--resume: {run.path} is not a run directory (no {CONFIG})")
+            stored = presets.load_config(config=str(run.path / CONFIG))
+            diff = presets.first_difference(stored, cfg)
+            if diff:
+                raise UserError(f"--resume: the config differs from the one {run.path} was started with "
+                                f"({diff}); resume with the same config")
+            return run
+        if run.path.exists() and not run.path.is_dir():
+            raise UserError(f"run directory {run.path} exists and is not a directory: choose another --out")
+        if run.path.exists() and any(run.path.iterdir()):
+            raise UserError(f"run directory {run.path} already exists and is not empty: pass --resume to "
+                            f"continue it, or choose another --out")
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run.path / CONFIG, presets.to_toml(cfg))
+        write_text_atomic(run.path / RUN, json.dumps({
+            "kind": kind, "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "software": software_versions(), **(info or {})}, indent=2, sort_keys=True) + "\n")
+        return run
+
+    # ------------------------------------------------------------------ contents
+    def config(self) -> presets.PipelineConfig:
+        return presets.load_config(config=str(self.path / CONFIG))
+
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.path / RUN).read_text())
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def is_done(self) -> bool:
+        return (self.path / RESULT).is_file()
+
+    def result(self) -> dict[str, Any]:
+        return json.loads((self.path / RESULT).read_text())
+
+    def write_result(self, result: dict[str, Any]) -> None:
+        write_text_atomic(self.path / RESULT, json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+    # ------------------------------------------------------------------ metrics
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to metrics.jsonl (flushed, so a killed run keeps what it logged)."""
+        with open(self.path / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.path / METRICS
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:      # a line cut by a kill mid-write
+                continue
+        return out
+
+    def truncate_metrics(self, phase: str, step: int) -> None:
+        """Drop `phase` training lines after `step` (logged by a run killed after its last
+        checkpoint), so a resumed run's curve has each step exactly once."""
+        kept = [m for m in self.metrics() if not (m.get("phase") == phase and m.get("step", -1) > step)]
+        write_text_atomic(self.path / METRICS, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
+
+
+def software_versions() -> dict[str, str]:
+    from importlib import metadata
+    versions = {"python": platform.python_version()}
+    for dist in ("mode-jax", "jax", "jaxlib", "numpy", "optax"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        import jax
+        versions["device"] = str(jax.devices()[0].device_kind)
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return versions
+
+
+def default_out(kind: str, label: str = "") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{kind}{'-' + label if label else ''}-{stamp}"

@@ -1,0 +1,206 @@
+"""The workflow's steps, each on its own run directory (paper section 3.1 and 4.1).
+
+    train_expert   stage 1: one expert (N = 1) on one domain, backbone frozen -> expert file
+    compose        stage 2: N expert files + a gate of N + 1 outputs on the mixture of their
+                   domains; experts and gates train, or (freeze) gates only
+    uninit         stage 2 without stage 1: N random experts on the mixture
+    finetune       baselines on the same mixture and token budget: full FT, LoRA
+    evaluate       next-token loss / accuracy per domain (retention included), routing
+
+`prepare` checks every input (domains, data, model, tokenizer) and loads them; it
+writes nothing, so a command can call it before creating its run directory.
+Every step ends by writing `result.json` (evaluation, parameter counts, timings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from mode_jax.data.mixture import MixtureSampler
+from mode_jax.errors import UserError
+from mode_jax.pipeline import engine, expert_io, sources
+from mode_jax.pipeline.presets import PipelineConfig
+from mode_jax.pipeline.runs import RunDir
+from mode_jax.ref.config import LoraConfig, OptimConfig
+from mode_jax.ref.methods import init_method
+
+
+@dataclasses.dataclass
+class Context:
+    cfg: PipelineConfig
+    backbone: sources.Backbone
+    data: sources.DomainData
+    eval_sets: dict[str, np.ndarray]     # domain -> int32 [n, seq_len + 1]
+    progress: bool = True
+    deadline: float | None = None        # time.time() after which training stops (resumable)
+    throttle: float = 0.0                # seconds to sleep after each step (tests of kill/resume)
+
+    @property
+    def llama(self):
+        return self.backbone.config
+
+
+def check_inputs(cfg: PipelineConfig, domains) -> None:
+    """Cheap checks, before anything is loaded or written."""
+    sources.check_domains(domains)
+    if cfg.data.source == "built":
+        from mode_jax.data.store import read_manifest, split_entry
+        root = sources.data_dir(cfg)
+        manifest = read_manifest(root)
+        for d in domains:
+            for split in ("train", "test"):
+                split_entry(manifest, root, d, split)
+    sources.check_model_available(cfg)
+    sources.check_tokenizer_matches(cfg)
+
+
+def prepare(cfg: PipelineConfig, domains=None, *, progress: bool = True) -> Context:
+    """Check inputs and load data + backbone (train domains plus every eval domain)."""
+    domains = tuple(dict.fromkeys(tuple(domains or ()) + cfg.eval_domains))
+    check_inputs(cfg, domains)
+    data = sources.load_data(cfg, domains)
+    backbone = sources.load_backbone(cfg, data.vocab_size, progress=progress)
+    eval_sets = {d: sources.eval_rows(data.test[d], cfg.data.seq_len, cfg.data.eval_sequences, domain=d)
+                 for d in cfg.eval_domains}
+    return Context(cfg, backbone, data, eval_sets, progress)
+
+
+def optim(cfg: PipelineConfig, lr: float, steps: int) -> OptimConfig:
+    t = cfg.train
+    return OptimConfig(learning_rate=lr, warmup_steps=min(t.warmup_steps, steps - 1), total_steps=steps,
+                       min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, clip_norm=t.clip_norm)
+
+
+def lora_config(cfg: PipelineConfig) -> LoraConfig:
+    return LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets)
+
+
+def _sampler(ctx: Context, domains, batch_size: int) -> MixtureSampler:
+    return MixtureSampler({d: ctx.data.train[d] for d in domains}, batch_size=batch_size,
+                          seq_len=ctx.cfg.data.seq_len, seed=ctx.cfg.train.seed)
+
+
+def _train(ctx: Context, run: RunDir, *, phase: str, params: dict, method: str, domains, lr: float,
+           total_steps: int, lora: LoraConfig | None = None) -> engine.TrainOutcome:
+    cfg = ctx.cfg
+    steps = engine.make_steps(method, ctx.llama, opt=optim(cfg, lr, total_steps), lora=lora,
+                              compute_dtype=cfg.model.compute_dtype, backend=cfg.model.backend,
+                              expert_layers=cfg.mode.expert_layers)
+    sampler = _sampler(ctx, domains, cfg.train.batch_size)
+    return engine.train_loop(run, phase=phase, params=params, method=method, steps=steps,
+                             batch_fn=sampler.batch, total_steps=total_steps,
+                             checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
+                             seed=cfg.train.seed, progress=ctx.progress, deadline=ctx.deadline,
+                             throttle=ctx.throttle)
+
+
+def evaluate_params(ctx: Context, params: dict, *, method: str, desc: str) -> dict[str, Any]:
+    lora = lora_config(ctx.cfg) if "lora" in params else None
+    steps = engine.make_steps(method, ctx.llama, opt=OptimConfig(), lora=lora,
+                              compute_dtype=ctx.cfg.model.compute_dtype, backend=ctx.cfg.model.backend,
+                              expert_layers=ctx.cfg.mode.expert_layers)
+    start = time.perf_counter()
+    per_domain = engine.evaluate(steps, params, ctx.eval_sets, batch_size=ctx.cfg.data.eval_batch_size,
+                                 progress=ctx.progress, desc=desc)
+    return {"domains": per_domain, "eval_seconds": round(time.perf_counter() - start, 2),
+            "backend": steps.backend}
+
+
+def _result(ctx: Context, run: RunDir, *, label: str, method: str, params: dict, outcome, extra=None) -> dict:
+    total = engine.param_count(params)
+    result = {"label": label, "method": method, "params_total": total,
+              "params_trainable": outcome.trainable_params if outcome else 0,
+              "params_backbone": engine.param_count(ctx.backbone.params),
+              "train_steps": outcome.steps_done if outcome else 0,
+              "train_seconds": round(outcome.seconds, 2) if outcome else 0.0,
+              "backbone": ctx.backbone.name, "backbone_fingerprint": ctx.backbone.fingerprint,
+              "mode_defaults_used": dataclasses.asdict(ctx.cfg.mode), **(extra or {})}
+    result.update(evaluate_params(ctx, params, method=method, desc=f"eval {label}"))
+    run.write_result(result)
+    return result
+
+
+def _training_info(ctx: Context, method: str, domains, steps: int) -> dict[str, Any]:
+    c = ctx.cfg
+    return {"method": method, "domains": list(domains), "steps": steps, "batch_size": c.train.batch_size,
+            "seq_len": c.data.seq_len, "tokens": steps * c.train.batch_size * c.data.seq_len,
+            "seed": c.train.seed}
+
+
+def train_expert(ctx: Context, run: RunDir, domain: str) -> dict | None:
+    """Stage 1 on `domain`; writes <run>/expert-<domain>.safetensors. None if stopped early."""
+    cfg = ctx.cfg
+    mode = sources.mode_config(cfg, 1)
+    params = init_method("stage1", jax.random.key(cfg.train.seed), ctx.backbone.params, ctx.llama, mode=mode)
+    out = _train(ctx, run, phase=f"expert-{domain}", params=params, method="stage1", domains=(domain,),
+                 lr=cfg.lr.mode, total_steps=cfg.train.stage1_steps)
+    if not out.finished:
+        return None
+    info = _training_info(ctx, "stage1", (domain,), cfg.train.stage1_steps)
+    expert = expert_io.from_stage1(out.params, domain=domain, llama=ctx.llama, mode=mode,
+                                   fingerprint=ctx.backbone.fingerprint, training=info)
+    path = expert_io.save_expert(run.path / f"expert-{domain}.safetensors", expert)
+    return _result(ctx, run, label=f"expert-{domain}", method="stage1", params=out.params, outcome=out,
+                   extra={"expert_file": path.name, "domain": domain, "routing_columns": ["backbone", domain]})
+
+
+def compose(ctx: Context, run: RunDir, experts: list[expert_io.Expert], *, freeze: bool) -> dict | None:
+    """Stage 2 on the mixture of the experts' domains (gates only if `freeze`)."""
+    cfg = ctx.cfg
+    method = "stage2_frozen" if freeze else "stage2"
+    domains = [e.domain for e in experts]
+    stage1 = [e.stage1_model(ctx.backbone.params) for e in experts]
+    params = init_method(method, jax.random.key(cfg.train.seed), ctx.backbone.params, ctx.llama,
+                         mode=sources.mode_config(cfg, len(experts)), stage1=stage1,
+                         gate_from=cfg.mode.stage2_gate_from)
+    params = jax.tree.map(jax.numpy.asarray, params)       # expert tensors arrive as numpy
+    label = f"mode-{len(experts)}x" + ("-frozen" if freeze else "")
+    return _finish_mixture(ctx, run, label, method, params, domains, cfg.lr.mode,
+                           {"experts": [str(e.path) if e.path else e.domain for e in experts]})
+
+
+def uninit(ctx: Context, run: RunDir, domains) -> dict | None:
+    """MoDE with N random experts trained on the mixture from scratch (no stage 1)."""
+    cfg = ctx.cfg
+    params = init_method("uninit", jax.random.key(cfg.train.seed), ctx.backbone.params, ctx.llama,
+                         mode=sources.mode_config(cfg, len(domains)))
+    return _finish_mixture(ctx, run, f"mode-{len(domains)}x-uninit", "uninit", params, domains, cfg.lr.mode, {})
+
+
+def finetune(ctx: Context, run: RunDir, method: str) -> dict | None:
+    """Baselines on the target mixture: full fine-tuning or LoRA."""
+    cfg = ctx.cfg
+    lora = lora_config(cfg) if method == "lora" else None
+    params = init_method(method, jax.random.key(cfg.train.seed), ctx.backbone.params, ctx.llama, lora=lora)
+    label = "full-ft" if method == "full" else f"lora-r{cfg.lora.rank}-{cfg.lora.targets}"
+    lr = cfg.lr.full if method == "full" else cfg.lr.lora
+    return _finish_mixture(ctx, run, label, method, params, cfg.domains.targets, lr, {}, lora=lora)
+
+
+def _finish_mixture(ctx, run, label, method, params, domains, lr, extra, lora=None):
+    cfg = ctx.cfg
+    domains = tuple(domains)
+    if cfg.train.batch_size % len(domains):
+        raise UserError(f"config train.batch_size={cfg.train.batch_size} must be a multiple of the "
+                        f"{len(domains)} domains of the mixture")
+    out = _train(ctx, run, phase=label, params=params, method=method, domains=domains, lr=lr,
+                 total_steps=cfg.train.steps, lora=lora)
+    if not out.finished:
+        return None
+    info = {**_training_info(ctx, method, domains, cfg.train.steps), "backbone_fingerprint":
+            ctx.backbone.fingerprint, "lora": dataclasses.asdict(lora) if lora else None, "label": label}
+    expert_io.save_model(run.path / "model.safetensors", out.params, method=method, metadata=info)
+    cols = ["backbone", *domains] if "blocks" in out.params else None
+    return _result(ctx, run, label=label, method=method, params=out.params, outcome=out,
+                   extra={**extra, "model_file": "model.safetensors", "domains_trained": list(domains),
+                          "routing_columns": cols})
+
+
+def evaluate_backbone(ctx: Context, run: RunDir) -> dict:
+    params = {"backbone": ctx.backbone.params}
+    return _result(ctx, run, label="backbone", method="backbone", params=params, outcome=None)

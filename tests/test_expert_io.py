@@ -1,0 +1,160 @@
+"""Experts as standalone files: bit-exact round trip, composition of experts trained in
+separate runs, and refusal (exit 2, one line naming the differing field, nothing
+written) of experts from another backbone, block layout or width, and of truncated or
+foreign files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mode_jax.cli import main
+from mode_jax.pipeline import expert_io, presets, sources
+from mode_jax.ref.llama import init_llama
+from mode_jax.ref.methods import init_method
+
+SMOKE = ["--preset", "smoke", "--quiet"]
+
+
+def _stage1_expert(*, d_model=32, n_layers=4, n_blocks=2, expert_layers=1, model_seed=0, key=3, domain="math"):
+    """A stage-1 expert on the smoke preset's tiny backbone (optionally altered), untrained
+    but with random non-trivial gates, as the library builds it."""
+    cfg = presets.load_config(preset="smoke", overrides=[f"mode.n_blocks={n_blocks}",
+                                                         f"mode.expert_layers={expert_layers}"])
+    llama = sources.tiny_config(d_model=d_model, n_layers=n_layers, vocab_size=259)
+    backbone = init_llama(jax.random.key(model_seed), llama)
+    params = init_method("stage1", jax.random.key(key), backbone, llama, mode=sources.mode_config(cfg, 1))
+    for i, block in enumerate(params["blocks"]):
+        block["gate_w"] = jax.random.normal(jax.random.key(100 + i), block["gate_w"].shape)
+    return expert_io.from_stage1(params, domain=domain, llama=llama, mode=sources.mode_config(cfg, 1),
+                                 fingerprint=sources.fingerprint(backbone), training={"steps": 0})
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    expert = _stage1_expert()
+    path = expert_io.save_expert(tmp_path / "e.safetensors", expert)
+    loaded = expert_io.load_expert(path)
+    assert (loaded.domain, loaded.llama, loaded.mode) == (expert.domain, expert.llama, expert.mode)
+    assert loaded.backbone_fingerprint == expert.backbone_fingerprint and loaded.training == {"steps": 0}
+    for a, b in zip(jax.tree.leaves((expert.layers, expert.gates)), jax.tree.leaves((loaded.layers, loaded.gates))):
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+        assert np.array_equal(a, b)
+    assert any(np.abs(g[0]).sum() > 0 for g in loaded.gates)     # not all zeros
+    # the file is a few tensors, not a backbone
+    assert path.stat().st_size < 200_000
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Experts for math and code trained in two separate runs of train-expert."""
+    root = tmp_path_factory.mktemp("experts")
+    for domain in ("math", "code"):
+        assert main(["train-expert", "--domain", domain, "--steps", "3", "--out", str(root / domain), *SMOKE]) == 0
+    return root
+
+
+def test_compose_experts_from_separate_runs(two_runs, tmp_path):
+    files = [two_runs / "math" / "expert-math.safetensors", two_runs / "code" / "expert-code.safetensors"]
+    out = tmp_path / "composed"
+    assert main(["compose", "--experts", *map(str, files), "--steps", "3", "--out", str(out), *SMOKE]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == "stage2" and result["domains_trained"] == ["math", "code"]
+    assert result["routing_columns"] == ["backbone", "math", "code"]
+    # the composed model starts from the experts: its file's expert 0 of block 0 moved from
+    # the math expert's weights by training only (same shapes; finite)
+    model, method, _ = expert_io.load_model(out / "model.safetensors", {}, fingerprint=result["backbone_fingerprint"])
+    math_expert = expert_io.load_expert(files[0])
+    w = np.asarray(model["blocks"][0]["experts"][0][0]["wq"])
+    assert w.shape == math_expert.layers[0][0]["wq"].shape and np.all(np.isfinite(w))
+    assert method == "stage2"
+    # `eval --run` rebuilds the composed model from its run directory alone: same numbers
+    assert main(["eval", "--run", str(out), "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    again = json.loads((tmp_path / "eval" / "result.json").read_text())
+    assert again["domains"] == result["domains"]
+    # and the frozen-experts variant leaves the expert weights bit-identical
+    frozen = tmp_path / "frozen"
+    assert main(["compose", "--experts", *map(str, files), "--freeze-experts", "--steps", "3",
+                 "--out", str(frozen), *SMOKE]) == 0
+    model, _, _ = expert_io.load_model(frozen / "model.safetensors", {}, fingerprint=result["backbone_fingerprint"])
+    for j, src in enumerate(files):
+        e = expert_io.load_expert(src)
+        for i in range(len(e.layers)):
+            assert np.array_equal(model["blocks"][i]["experts"][j][0]["w_up"], e.layers[i][0]["w_up"])
+
+
+def _refused(capsys, argv, out, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(model_seed=1), "backbone fingerprint differs"),
+    (dict(n_blocks=4), "block layout (mode_config.n_blocks) differs"),
+    (dict(expert_layers=2), "block layout (mode_config.expert_layers) differs"),
+    (dict(d_model=48), "width (llama_config.d_model) differs"),
+])
+def test_incompatible_expert_is_refused(two_runs, tmp_path, capsys, change, field):
+    bad = expert_io.save_expert(tmp_path / "bad.safetensors", _stage1_expert(domain="code", **change))
+    out = tmp_path / "out"
+    line = _refused(capsys, ["compose", "--experts", str(two_runs / "math" / "expert-math.safetensors"),
+                             str(bad), "--out", str(out), *SMOKE], out, field, "bad.safetensors")
+    assert line.startswith("mode-jax compose: error:")
+
+
+def test_matching_hand_built_expert_is_accepted(two_runs, tmp_path):
+    """The refusals above are about the field, not about hand-built files."""
+    good = expert_io.save_expert(tmp_path / "good.safetensors", _stage1_expert(domain="code"))
+    assert main(["compose", "--experts", str(two_runs / "math" / "expert-math.safetensors"), str(good),
+                 "--steps", "3", "--out", str(tmp_path / "out"), *SMOKE]) == 0
+
+
+def test_truncated_expert_file_is_refused(two_runs, tmp_path, capsys):
+    src = two_runs / "code" / "expert-code.safetensors"
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    out = tmp_path / "out"
+    _refused(capsys, ["compose", "--experts", str(two_runs / "math" / "expert-math.safetensors"), str(cut),
+                      "--out", str(out), *SMOKE], out, "cut.safetensors", "not a readable safetensors file")
+
+
+@pytest.mark.parametrize("kind", ["text", "model-file", "other-safetensors"])
+def test_wrong_format_is_refused(two_runs, tmp_path, capsys, kind):
+    path = tmp_path / "wrong.safetensors"
+    if kind == "text":
+        path.write_text("these are not the tensors you are looking for\n")
+        needle = "not a readable safetensors file"
+    elif kind == "model-file":
+        expert_io.save_model(path, {"backbone": {}, "blocks": [{"gate_b": np.zeros(2)}]}, method="stage2",
+                             metadata={"backbone_fingerprint": "x"})
+        needle = "not a mode-jax expert file"
+    else:
+        from safetensors.numpy import save_file
+        save_file({"weight": np.ones((2, 2), np.float32)}, str(path))
+        needle = "not a mode-jax expert file"
+    out = tmp_path / "out"
+    _refused(capsys, ["compose", "--experts", str(path), str(two_runs / "code" / "expert-code.safetensors"),
+                      "--out", str(out), *SMOKE], out, needle)
+
+
+def test_eval_loads_an_expert_on_its_own(two_runs, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--experts", str(two_runs / "code" / "expert-code.safetensors"), "--out", str(out),
+                 *SMOKE]) == 0
+    result = json.loads((out / "result.json").read_text())
+    trained = json.loads((two_runs / "code" / "result.json").read_text())
+    # evaluating the file alone gives exactly what the training run measured
+    for d in result["domains"]:
+        assert result["domains"][d]["accuracy"] == trained["domains"][d]["accuracy"]
+        assert result["domains"][d]["loss"] == trained["domains"][d]["loss"]
+    assert dataclasses.is_dataclass(expert_io.load_expert(two_runs / "code" / "expert-code.safetensors"))
