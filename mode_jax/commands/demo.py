@@ -56,7 +56,9 @@ def run(args) -> int:
         from mode_jax.errors import UserError
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     cfg = LlamaConfig.tiny(vocab_size=64, n_layers=4)
-    mode = ModeConfig(n_blocks=2, expert_layers=1, n_experts=1, expert_init="copy")
+    # A random backbone knows nothing worth keeping, so the gate starts less biased
+    # towards it than ModeConfig's default (made for pretrained backbones).
+    mode = ModeConfig(n_blocks=2, expert_layers=1, n_experts=1, expert_init="copy", gate_margin=2.0)
     opt = OptimConfig(learning_rate=3e-3, warmup_steps=5, total_steps=args.steps)
     rng = np.random.default_rng(args.seed)
     backbone = init_llama(jax.random.key(args.seed), cfg)
