@@ -38,9 +38,9 @@ from mode_jax.fast.config import FastConfig
 from mode_jax.fast.sharded_combine import sharded_gated_combine
 from mode_jax.fast.sharding import (activation_sharding, batch_axes, make_mesh, place,
                                     replicated, resolve_axes, rules_for_axes, shardings_for)
-from mode_jax.fast.spmd import adamw_update, batch_shardings, decay_mask
+from mode_jax.fast.spmd import batch_shardings, decay_mask
 from mode_jax.ref.config import LlamaConfig, OptimConfig
-from mode_jax.ref.optim import adamw_init
+from mode_jax.ref.optim import adamw_init, adamw_update
 
 MPMD_TRAINABLE = ("experts_and_gates", "gates")
 

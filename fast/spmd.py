@@ -23,7 +23,6 @@ import dataclasses
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from mode_jax.fast.combine import gated_combine as platform_gated_combine
 from mode_jax.fast.components import Numerics, mode_metrics
@@ -33,7 +32,7 @@ from mode_jax.fast.sharded_combine import sharded_gated_combine
 from mode_jax.fast.sharding import (activation_sharding, batch_axes, logical_axes, place,
                                     replicated, rules_for_axes, shardings_for)
 from mode_jax.ref.config import LlamaConfig, OptimConfig
-from mode_jax.ref.optim import adamw_init, global_norm, learning_rate
+from mode_jax.ref.optim import adamw_init, adamw_update
 
 STACK_AXES = ("layers", "blocks", "experts")
 
@@ -43,33 +42,6 @@ def decay_mask(params):
     stacking axes (layers, blocks, experts) do not count towards ndim >= 2."""
     return jax.tree.map(lambda axes: sum(a not in STACK_AXES for a in axes) >= 2,
                         logical_axes(params), is_leaf=lambda x: isinstance(x, tuple))
-
-
-def adamw_update(grads, state: dict, params, opt: OptimConfig, *, decay, grad_norm=None):
-    """`ref.optim.adamw_update` on a stacked tree: the same math, with weight decay
-    where `decay` (a tree of bools, see `decay_mask`) says. `grad_norm`, when given, is
-    the global norm to clip by (MPMD: summed over every mesh's gradients); by default
-    it is this tree's. Returns (new_params, new_state, {"lr", "grad_norm"})."""
-    norm = global_norm(grads) if grad_norm is None else grad_norm
-    if opt.clip_norm > 0:
-        scale = jnp.minimum(1.0, opt.clip_norm / jnp.maximum(norm, 1e-12))
-        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-    count = state["count"] + 1
-    lr = learning_rate(state["count"], opt)
-    mu = jax.tree.map(lambda m, g: opt.b1 * m + (1 - opt.b1) * g.astype(jnp.float32), state["mu"], grads)
-    nu = jax.tree.map(lambda v, g: opt.b2 * v + (1 - opt.b2) * jnp.square(g.astype(jnp.float32)),
-                      state["nu"], grads)
-    c = count.astype(jnp.float32)
-    mu_hat_scale, nu_hat_scale = 1.0 / (1 - opt.b1 ** c), 1.0 / (1 - opt.b2 ** c)
-
-    def step(p, m, v, decayed):
-        update = (m * mu_hat_scale) / (jnp.sqrt(v * nu_hat_scale) + opt.eps)
-        if decayed and opt.weight_decay > 0:
-            update = update + opt.weight_decay * p.astype(jnp.float32)
-        return (p.astype(jnp.float32) - lr * update).astype(p.dtype)
-
-    new_params = jax.tree.map(step, params, mu, nu, decay)
-    return new_params, {"mu": mu, "nu": nu, "count": count}, {"lr": lr, "grad_norm": norm}
 
 
 def batch_shardings(mesh, rules, *, batch_size: int, seq_len: int, masked: bool = False,

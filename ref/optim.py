@@ -31,9 +31,10 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
 
 
-def clip_by_global_norm(grads, max_norm: float):
-    """Scale grads so their global norm is at most max_norm (0 disables)."""
-    norm = global_norm(grads)
+def clip_by_global_norm(grads, max_norm: float, norm: jax.Array | None = None):
+    """Scale grads so their global norm is at most max_norm (0 disables). `norm`, when
+    given, is used instead of this tree's own (e.g. a norm summed over several meshes)."""
+    norm = global_norm(grads) if norm is None else norm
     if max_norm <= 0:
         return grads, norm
     scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
@@ -46,9 +47,17 @@ def adamw_init(params) -> dict:
             "count": jnp.zeros((), jnp.int32)}
 
 
-def adamw_update(grads, state: dict, params, opt: OptimConfig):
-    """One AdamW step. Returns (new_params, new_state, stats)."""
-    grads, grad_norm = clip_by_global_norm(grads, opt.clip_norm)
+def adamw_update(grads, state: dict, params, opt: OptimConfig, *, decay=None, grad_norm=None):
+    """One AdamW step. Returns (new_params, new_state, {"lr", "grad_norm"}).
+
+    decay: a tree of bools like params saying which leaves get weight decay; by default
+    the matrices (ndim >= 2). Stacked layouts pass their own, since a stacked norm
+    [L, D] has ndim 2 but is a vector per layer. grad_norm: the global norm to clip by,
+    by default this tree's (MPMD passes the norm summed over every mesh's gradients).
+    """
+    grads, grad_norm = clip_by_global_norm(grads, opt.clip_norm, grad_norm)
+    if decay is None:
+        decay = jax.tree.map(lambda p: p.ndim >= 2, params)
     count = state["count"] + 1
     lr = learning_rate(state["count"], opt)
     mu = jax.tree.map(lambda m, g: opt.b1 * m + (1 - opt.b1) * g.astype(jnp.float32), state["mu"], grads)
@@ -57,11 +66,11 @@ def adamw_update(grads, state: dict, params, opt: OptimConfig):
     c = count.astype(jnp.float32)
     mu_hat_scale, nu_hat_scale = 1.0 / (1 - opt.b1 ** c), 1.0 / (1 - opt.b2 ** c)
 
-    def step(p, m, v):
+    def step(p, m, v, decayed):
         update = (m * mu_hat_scale) / (jnp.sqrt(v * nu_hat_scale) + opt.eps)
-        if p.ndim >= 2 and opt.weight_decay > 0:
+        if decayed and opt.weight_decay > 0:
             update = update + opt.weight_decay * p.astype(jnp.float32)
         return (p.astype(jnp.float32) - lr * update).astype(p.dtype)
 
-    new_params = jax.tree.map(step, params, mu, nu)
+    new_params = jax.tree.map(step, params, mu, nu, decay)
     return new_params, {"mu": mu, "nu": nu, "count": count}, {"lr": lr, "grad_norm": grad_norm}
