@@ -12,24 +12,11 @@ req="$root/tests/crosscheck/requirements.txt"
 stamp="$venv/.mode-jax-crosscheck-requirements"
 want="$(sha256sum "$req" | cut -d' ' -f1)"
 
-find_python311() {
-    local candidates=(python3.11 /usr/bin/python3.11 /usr/local/bin/python3.11)
-    if command -v pyenv >/dev/null 2>&1; then
-        candidates+=("$(pyenv root)"/versions/3.11*/bin/python3.11)
-    fi
-    for c in "${candidates[@]}"; do
-        if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 11)' >/dev/null 2>&1; then
-            command -v "$c" 2>/dev/null || echo "$c"
-            return 0
-        fi
-    done
-    echo "prepare_crosscheck.sh: no working python3.11 found (the torch CPU wheel needs 3.11)" >&2
-    return 1
-}
+source "$root/scripts/find_python.sh"
 
 start=$SECONDS
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    py311="$(find_python311)"
+    py311="$(find_python 3.11)" || { echo "prepare_crosscheck.sh: no working python3.11 found (the torch CPU wheel needs 3.11)" >&2; exit 1; }
     echo "prepare_crosscheck.sh: creating $venv with $py311" >&2
     rm -f "$stamp"
     "$py311" -m venv "$venv"

@@ -6,25 +6,12 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MODE_JAX_VENV:-$root/.venv}"
 
-find_python312() {
-    local candidates=(python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12)
-    if command -v pyenv >/dev/null 2>&1; then
-        candidates+=("$(pyenv root)"/versions/3.12*/bin/python3.12)
-    fi
-    for c in "${candidates[@]}"; do
-        if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then
-            command -v "$c" 2>/dev/null || echo "$c"
-            return 0
-        fi
-    done
-    echo "setup.sh: no working python3.12 found (jax 0.11.2 needs Python 3.12); install it or set PATH" >&2
-    return 1
-}
+source "$root/scripts/find_python.sh"
 
 stamp="$venv/.mode-jax-installed"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    py="$(find_python312)"
+    py="$(find_python 3.12)" || { echo "setup.sh: no working python3.12 found (jax 0.11.2 needs Python 3.12); install it or set PATH" >&2; exit 1; }
     echo "setup.sh: creating $venv with $py" >&2
     "$py" -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip >&2

@@ -6,18 +6,11 @@ from __future__ import annotations
 import pytest
 
 from mode_jax.cli import main
+from tests.cli_expect import assert_refused
 
 
 def _fails(capsys, argv, out, *needles):
-    code = main([*argv, "--out", str(out), "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert not out.exists()
-    return lines[0]
+    return assert_refused(capsys, [*argv, "--out", str(out), "--quiet"], out, *needles)
 
 
 def test_unknown_domain(tmp_path, capsys):

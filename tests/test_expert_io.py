@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mode_jax.cli import main
+from tests.cli_expect import assert_refused
 from mode_jax.pipeline import expert_io, presets, sources
 from mode_jax.ref.llama import init_llama
 from mode_jax.ref.methods import init_method
@@ -86,18 +87,6 @@ def test_compose_experts_from_separate_runs(two_runs, tmp_path):
             assert np.array_equal(model["blocks"][i]["experts"][j][0]["w_up"], e.layers[i][0]["w_up"])
 
 
-def _refused(capsys, argv, out, *needles):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert not out.exists()
-    return lines[0]
-
-
 @pytest.mark.parametrize("change, field", [
     (dict(model_seed=1), "backbone fingerprint differs"),
     (dict(n_blocks=4), "block layout (mode_config.n_blocks) differs"),
@@ -107,7 +96,7 @@ def _refused(capsys, argv, out, *needles):
 def test_incompatible_expert_is_refused(two_runs, tmp_path, capsys, change, field):
     bad = expert_io.save_expert(tmp_path / "bad.safetensors", _stage1_expert(domain="code", **change))
     out = tmp_path / "out"
-    line = _refused(capsys, ["compose", "--experts", str(two_runs / "math" / "expert-math.safetensors"),
+    line = assert_refused(capsys, ["compose", "--experts", str(two_runs / "math" / "expert-math.safetensors"),
                              str(bad), "--out", str(out), *SMOKE], out, field, "bad.safetensors")
     assert line.startswith("mode-jax compose: error:")
 
@@ -124,7 +113,7 @@ def test_truncated_expert_file_is_refused(two_runs, tmp_path, capsys):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     out = tmp_path / "out"
-    _refused(capsys, ["compose", "--experts", str(two_runs / "math" / "expert-math.safetensors"), str(cut),
+    assert_refused(capsys, ["compose", "--experts", str(two_runs / "math" / "expert-math.safetensors"), str(cut),
                       "--out", str(out), *SMOKE], out, "cut.safetensors", "not a readable safetensors file")
 
 
@@ -143,7 +132,7 @@ def test_wrong_format_is_refused(two_runs, tmp_path, capsys, kind):
         save_file({"weight": np.ones((2, 2), np.float32)}, str(path))
         needle = "not a mode-jax expert file"
     out = tmp_path / "out"
-    _refused(capsys, ["compose", "--experts", str(path), str(two_runs / "code" / "expert-code.safetensors"),
+    assert_refused(capsys, ["compose", "--experts", str(path), str(two_runs / "code" / "expert-code.safetensors"),
                       "--out", str(out), *SMOKE], out, needle)
 
 

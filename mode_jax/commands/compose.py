@@ -20,7 +20,6 @@ otherwise compose refuses, naming the differing field, before writing anything.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mode_jax.errors import UserError
 from mode_jax.pipeline import cliargs
@@ -41,7 +40,6 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from mode_jax.pipeline import expert_io, runs, sources, stages
-    from mode_jax.commands.train_expert import summary
 
     if bool(args.experts) == bool(args.uninit):
         raise UserError("give either --experts FILE ... or --uninit --domains D ...")
@@ -71,16 +69,10 @@ def run(args) -> int:
                                        args.freeze_experts, "backbone": ctx.backbone.name,
                                        "backbone_fingerprint": ctx.backbone.fingerprint})
     if run_dir.is_done():
-        print(summary(run_dir.result()))
+        print(cliargs.summary(run_dir.result()))
         return 0
     if args.uninit:
         result = stages.uninit(ctx, run_dir, domains)
     else:
         result = stages.compose(ctx, run_dir, experts, freeze=args.freeze_experts)
-    if result is None:
-        print(f"stopped at the time limit; rerun the same command with --out {run_dir.path} --resume",
-              file=sys.stderr)
-        return 0
-    print(summary(result))
-    print(run_dir.path / result["model_file"])
-    return 0
+    return cliargs.report(run_dir, result, "model_file")

@@ -13,7 +13,6 @@ domain) for train.steps steps of train.batch_size rows, the same token budget as
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mode_jax.pipeline import cliargs
 
@@ -29,7 +28,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from mode_jax.commands.train_expert import summary
     from mode_jax.pipeline import runs, stages
 
     if args.steps is not None:
@@ -43,13 +41,7 @@ def run(args) -> int:
                                  info={"method": args.method, "backbone": ctx.backbone.name,
                                        "backbone_fingerprint": ctx.backbone.fingerprint})
     if run_dir.is_done():
-        print(summary(run_dir.result()))
+        print(cliargs.summary(run_dir.result()))
         return 0
     result = stages.finetune(ctx, run_dir, args.method)
-    if result is None:
-        print(f"stopped at the time limit; rerun the same command with --out {run_dir.path} --resume",
-              file=sys.stderr)
-        return 0
-    print(summary(result))
-    print(run_dir.path / result["model_file"])
-    return 0
+    return cliargs.report(run_dir, result, "model_file")

@@ -14,7 +14,6 @@ run on the same backbone.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from mode_jax.pipeline import cliargs
 
@@ -44,18 +43,8 @@ def run(args) -> int:
                                  info={"domain": args.domain, "backbone": ctx.backbone.name,
                                        "backbone_fingerprint": ctx.backbone.fingerprint})
     if run_dir.is_done():
-        print(summary(run_dir.result()))
+        print(cliargs.summary(run_dir.result()))
         return 0
     result = stages.train_expert(ctx, run_dir, args.domain)
-    if result is None:
-        print(f"stopped at the time limit; continue with: mode-jax train-expert --domain {args.domain} "
-              f"--out {run_dir.path} --resume", file=sys.stderr)
-        return 0
-    print(summary(result))
-    print(run_dir.path / result["expert_file"])
-    return 0
-
-
-def summary(result: dict) -> str:
-    parts = [f"{d} acc {100 * v['accuracy']:.2f}% loss {v['loss']:.3f}" for d, v in result["domains"].items()]
-    return f"{result['label']}: " + ", ".join(parts)
+    return cliargs.report(run_dir, result, "expert_file",
+                          command=f"mode-jax train-expert --domain {args.domain}")

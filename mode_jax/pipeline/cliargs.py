@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 import time
 
 from mode_jax.pipeline import presets
@@ -89,3 +90,22 @@ def deadline(args) -> float | None:
         from mode_jax.errors import UserError
         raise UserError(f"--time-limit must be > 0 seconds, got {limit}")
     return time.time() + limit
+
+
+def summary(result: dict) -> str:
+    """One line: the run's label and accuracy/loss per evaluated domain."""
+    parts = [f"{d} acc {100 * v['accuracy']:.2f}% loss {v['loss']:.3f}" for d, v in result["domains"].items()]
+    return f"{result['label']}: " + ", ".join(parts)
+
+
+def report(run_dir, result: dict | None, file_key: str, *, command: str | None = None) -> int:
+    """End of a training command: the summary and the artifact's path, or, when the time
+    limit stopped the run (result None), how to continue it (`command`, or else the
+    same command line)."""
+    if result is None:
+        how = f"continue with: {command}" if command else "rerun the same command with"
+        print(f"stopped at the time limit; {how} --out {run_dir.path} --resume", file=sys.stderr)
+        return 0
+    print(summary(result))
+    print(run_dir.path / result[file_key])
+    return 0
