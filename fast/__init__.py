@@ -5,15 +5,20 @@ Every function here is tested against its `ref/` counterpart (tests/test_fast_*.
 
     params.py     the stacked layout ([L, ...] layers, [n_blocks, N, expert_layers, ...]
                   experts), `to_fast`/`to_ref` (exact inverses) and the trainable partitions
-    model.py      Llama, LoRA (unmerged) and MoDE forward: scan over layers, vmap over
-                  experts, bf16 compute with float32 norms/RoPE/softmax/gate
+    model.py      Llama, LoRA (unmerged) and MoDE forward: a Python loop (GPU) or scan
+                  over layers, vmap over experts, bf16 compute with float32
+                  norms/RoPE/softmax/gate
+    norm.py       RMSNorm with a VJP that keeps the bf16 input and one statistic per row
+    swiglu.py     x @ [W_gate | W_up] -> SwiGLU, with d[gate | up] written once
+    projection.py one matmul split into q|k|v, with the joined cotangent written once
     attention.py  causal GQA attention via jax.nn.dot_product_attention (cuDNN on GPU)
     merge.py      the MoDE merge fused with every stack's last down-projection (eq. 1)
     combine.py    the plain merge, dispatching to the Pallas kernels per platform
     loss.py       chunked next-token loss/accuracy (no [tokens, V] logits), gradients in
                   the forward rule
     train.py      optax AdamW step (equal to ref/optim.py) and eval step
-    config.py     FastConfig: compute dtype, attention backend, merge, loss chunk, remat
+    config.py     FastConfig: compute dtype, attention backend, merge, loss chunk, layer
+                  loop and remat
 """
 
 from mode_jax.fast.combine import gated_combine

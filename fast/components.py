@@ -62,8 +62,7 @@ class Numerics:
             return lax.scan(lambda h, layer: (layer_forward(layer, h, self.cfg), None), x, layers)[0]
         fast = self.fast
         cos, sin = fast_model._rope(x.shape[1], self.cfg)
-        return fast_model.scan_layers(layers, None, x, cos, sin, remat=fast.remat, unroll=fast.scan_unroll,
-                                      **fast_model._layer_kwargs(self.cfg, fast, None))
+        return fast_model.scan_layers(layers, None, x, cos, sin, **fast_model._stack_kwargs(self.cfg, fast))
 
     def head_metrics(self, backbone: dict, h: jax.Array, targets: jax.Array, mask: jax.Array | None) -> dict:
         """Final norm, LM head and next-token metrics of the last hidden state h [B, T, D]."""

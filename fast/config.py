@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 ATTENTION = ("auto", "xla", "cudnn")
 MERGES = ("fused", "stacked")
-REMATS = ("none", "dots", "full")
+REMATS = ("auto", "none", "dots", "full", "attention", "dots_attention")
+LAYER_LOOPS = ("auto", "scan", "python")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +33,19 @@ class FastConfig:
     merge: str = "fused"
     # Tokens per logits chunk in the loss: at most [loss_chunk, V] logits exist at once.
     loss_chunk: int = 4096
-    # Rematerialisation of each scanned layer: 'none' saves every residual, 'dots' saves
-    # only matmul outputs, 'full' recomputes the layer in the backward pass. 'full' is
-    # the default because it was fastest on the H100 for full FT, LoRA and MoDE alike
-    # (bench/RESULTS.md): at width 576 the step is bound by memory traffic, and
-    # recomputing a layer costs less than writing and re-reading its activations.
-    remat: str = "full"
+    # How a stack of layers is looped over. 'scan': one lax.scan (one compiled layer body;
+    # each iteration copies its layer's weights and saved activations out of the stacked
+    # arrays); 'python': a Python loop, every layer its own buffers, longer compiles.
+    # 'auto': 'python' on a GPU (18-20% faster steps on the H100, bench/RESULTS.md),
+    # 'scan' elsewhere (CPU runs are dominated by compile time).
+    layer_loop: str = "auto"
+    # Rematerialisation of each layer: 'none' saves every residual, 'dots' only matmul
+    # outputs, 'full' recomputes the layer in the backward pass, 'attention' all but the
+    # attention's output (and cuDNN's softmax statistics), 'dots_attention' both of the
+    # latter. 'auto': 'none' with the Python loop (fastest there: the custom rules of
+    # fast/norm.py and fast/swiglu.py keep the residuals to bf16 activations), 'full'
+    # with scan (where saved activations cost a copy per layer, recomputing is cheaper).
+    remat: str = "auto"
     scan_unroll: int = 1        # lax.scan unroll factor over layers
     # q|k|v and gate|up projections as one matmul each (weights concatenated per layer).
     fuse_projections: bool = True
@@ -45,7 +54,8 @@ class FastConfig:
         if jnp.dtype(self.compute_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
                                                  jnp.dtype(jnp.float16), jnp.dtype(jnp.float64)):
             raise ValueError(f"FastConfig.compute_dtype must be a float dtype name, got {self.compute_dtype!r}")
-        for name, options in (("attention", ATTENTION), ("merge", MERGES), ("remat", REMATS)):
+        for name, options in (("attention", ATTENTION), ("merge", MERGES), ("remat", REMATS),
+                              ("layer_loop", LAYER_LOOPS)):
             if getattr(self, name) not in options:
                 raise ValueError(f"FastConfig.{name} must be one of {options}, got {getattr(self, name)!r}")
         if not isinstance(self.fuse_projections, bool):
@@ -54,6 +64,16 @@ class FastConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"FastConfig.{name} must be a positive integer, got {value!r}")
+
+    def loop_and_remat(self, backend: str | None = None) -> tuple[str, str]:
+        """(layer_loop, remat) with 'auto' resolved for `backend` (default: JAX's default)."""
+        loop = self.layer_loop
+        if loop == "auto":
+            loop = "python" if (backend or jax.default_backend()) == "gpu" else "scan"
+        remat = self.remat
+        if remat == "auto":
+            remat = "none" if loop == "python" else "full"
+        return loop, remat
 
     @property
     def dtype(self):

@@ -3,15 +3,21 @@
 Same functions as `ref/llama.py`, `ref/mode.py` and `ref/lora.py`, on the stacked
 layout of `fast/params.py`:
 
-- a stack of layers is one `lax.scan` over the leading axis of its weights;
+- a stack of layers runs as one `lax.scan` over the leading axis of its weights, or
+  (`FastConfig.layer_loop`, the default on GPU) as a Python loop over the pieces of
+  one split, so each layer's weights and saved activations are their own buffers;
+  either way a stack's weights are cast to the compute dtype, and q|k|v, gate|up
+  concatenated, once (`prepare_layers`), not once per layer and pass;
 - the N experts of a block are one `vmap` over the expert axis, so each expert
   layer is a batched matmul over the experts, not N separate ones;
 - a block's merge is fused with the last down-projection of every stack
   (`fast/merge.py`), or, with `FastConfig(merge="stacked")`, every stack runs whole
   and `fast.combine.gated_combine` mixes them;
 - activations and matmul inputs are `FastConfig.compute_dtype` (bf16 by default);
-  weights are cast where used, so float32 master weights and weights pre-cast to
-  bf16 both work; norm statistics, RoPE, softmax and the gate are float32;
+  float32 master weights and weights pre-cast to bf16 both work; norm statistics,
+  RoPE, softmax and the gate are float32; RMSNorm, SwiGLU and the fused projections
+  have VJPs of their own (`fast/norm.py`, `fast/swiglu.py`, `fast/projection.py`)
+  that keep only bf16 residuals and write each joined cotangent once;
 - blocks run in a Python loop (there are few), so block 0, whose input nothing
   trainable feeds in MoDE, gets no backward pass through its backbone at all.
 
@@ -27,20 +33,37 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from mode_jax.fast.attention import apply_rope, causal_attention, pick_implementation, rope_tables
 from mode_jax.fast.combine import gated_combine
 from mode_jax.fast.config import FastConfig
 from mode_jax.fast.merge import fused_merge
+from mode_jax.fast.norm import rms_norm
+from mode_jax.fast.projection import split_projection
+from mode_jax.fast.swiglu import swiglu_projection
 from mode_jax.ref.config import LlamaConfig, LoraConfig
-from mode_jax.ref.llama import rms_norm
 
 F32 = jnp.float32
+ATTENTION_NAME = "attention_out"
+
+
+def _attention_saveable(prim, *_, **__) -> bool:
+    """True for cuDNN's fused attention forward (its output and softmax statistics): saving
+    them spares the backward pass a second attention forward. XLA's attention is plain ops;
+    there the output is saved by name and the scores are recomputed."""
+    return prim.name.startswith("dot_product_attention_fwd")
+
+
+_SAVE_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
+    _attention_saveable, jax.checkpoint_policies.save_only_these_names(ATTENTION_NAME))
 REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
+    "attention": _SAVE_ATTENTION,
+    "dots_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_ATTENTION),
 }
 
 
@@ -53,18 +76,43 @@ def _layer_kwargs(cfg: LlamaConfig, fast: FastConfig, lora: LoraConfig | None) -
                 fuse=fast.fuse_projections)
 
 
-def _proj(x, layer, adapters, names, *, dtype, lora_scale, fuse):
+def _stack_kwargs(cfg: LlamaConfig, fast: FastConfig, lora: LoraConfig | None = None) -> dict:
+    """`_layer_kwargs` plus how a stack of layers is looped over (`scan_layers`)."""
+    loop, remat = fast.loop_and_remat()
+    return dict(remat=remat, unroll=fast.scan_unroll, loop=loop, **_layer_kwargs(cfg, fast, lora))
+
+
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def prepare_layers(layers: dict, *, dtype, fuse: bool) -> dict:
+    """A stack's weights as the layer functions read them: matrices in the compute dtype and,
+    with `fuse`, q|k|v and gate|up concatenated along the output axis ("wqkv", "w_gate_up");
+    norms untouched. Done once per stack (any leading axes), outside the loop over layers, so
+    the loop slices weights already cast and joined. Same values; a weight's gradient is
+    the compute dtype's until this function's own transpose casts it back."""
+    out = {k: v for k, v in layers.items() if k not in MATRICES}
+    cast = {k: layers[k].astype(dtype) for k in MATRICES}
+    if fuse:
+        for name, parts in FUSED.items():
+            out[name] = jnp.concatenate([cast.pop(k) for k in parts], axis=-1)
+    out.update(cast)
+    return out
+
+
+def _proj(x, layer, adapters, names, *, lora_scale, split=None):
     """[x @ W[name] for name in names], x [B, T, in] -> each [B, T, out_name], plus the LoRA
-    term (alpha / rank) (x @ A) @ B where `name` has an adapter. With `fuse`, projections of
-    the same input are one matmul against their weights concatenated along the output axis
-    (D = 576 makes each alone a narrow, inefficient matmul); the values are the same."""
-    if fuse and len(names) > 1:
-        w = jnp.concatenate([layer[n].astype(dtype) for n in names], axis=1)     # [in, sum out]
-        y = jnp.einsum("BTI,IO->BTO", x, w)
-        splits = np.cumsum([layer[n].shape[1] for n in names])[:-1]
-        ys = jnp.split(y, splits, axis=-1)
+    term (alpha / rank) (x @ A) @ B where `name` has an adapter. `layer` is prepared
+    (`prepare_layers`); with `split` = (fused key, output sizes) the projections are one
+    matmul against the concatenated weight (D = 576 makes each alone a narrow, inefficient
+    matmul), then split; the values are the same."""
+    dtype = x.dtype
+    if split is not None:
+        fused, sizes = split
+        ys = split_projection(x, layer[fused], sizes)
     else:
-        ys = [jnp.einsum("BTI,IO->BTO", x, layer[n].astype(dtype)) for n in names]
+        ys = [jnp.einsum("BTI,IO->BTO", x, layer[n]) for n in names]
     if adapters is not None:
         for i, n in enumerate(names):
             if n in adapters:
@@ -77,29 +125,34 @@ def layer_parts(layer: dict, adapters: dict | None, x: jax.Array, cos, sin, *, n
                 head_dim, eps, dtype, attention, lora_scale, fuse=True):
     """One layer up to its down-projection: x [B, T, D] -> (r [B, T, D], u [B, T, F]),
     r the residual stream after attention, u the SwiGLU hidden; the layer's output is
-    r + u @ W_down (see `layer_forward`, `fast/merge.py`)."""
-    proj = functools.partial(_proj, layer=layer, adapters=adapters, dtype=dtype, lora_scale=lora_scale,
-                             fuse=fuse)
+    r + u @ W_down (see `layer_forward`, `fast/merge.py`). `layer` is prepared
+    (`prepare_layers` with the same `dtype` and `fuse`)."""
+    proj = functools.partial(_proj, layer=layer, adapters=adapters, lora_scale=lora_scale)
     b, t, _ = x.shape
     xn = rms_norm(x, layer["attn_norm"], eps=eps)
-    q, k, v = proj(xn, names=("wq", "wk", "wv"))
+    qkv_split = ("wqkv", (n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim)) if fuse else None
+    q, k, v = proj(xn, names=("wq", "wk", "wv"), split=qkv_split)
     q = q.reshape(b, t, n_heads, head_dim)                                        # [B, T, N, H]
     k = k.reshape(b, t, n_kv_heads, head_dim)                                     # [B, S, K, H]
     v = v.reshape(b, t, n_kv_heads, head_dim)                                     # [B, S, K, H]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o = causal_attention(q, k, v, implementation=attention)                      # [B, T, N, H]
+    o = checkpoint_name(o, ATTENTION_NAME)
     r = x + proj(o.reshape(b, t, n_heads * head_dim), names=("wo",))[0]           # [B, T, D]
     rn = rms_norm(r, layer["mlp_norm"], eps=eps)
-    g, up = proj(rn, names=("w_gate", "w_up"))                                    # [B, T, F] each
+    if fuse and not (adapters and {"w_gate", "w_up"} & set(adapters)):
+        # One matmul forward; backward without joining dg and dup (fast/swiglu.py).
+        return r, swiglu_projection(rn, layer["w_gate_up"])                       # [B, T, F]
+    gu_split = ("w_gate_up", (layer["w_gate_up"].shape[-1] // 2,) * 2) if fuse else None
+    g, up = proj(rn, names=("w_gate", "w_up"), split=gu_split)                   # [B, T, F] each
     u = jax.nn.silu(g.astype(F32)) * up.astype(F32)
     return r, u.astype(dtype)                                                     # [B, T, F]
 
 
 def layer_forward(layer, adapters, x, cos, sin, **kw):
-    """One pre-norm residual layer, x [B, T, D] -> [B, T, D]."""
+    """One pre-norm residual layer, x [B, T, D] -> [B, T, D] (`layer` prepared)."""
     r, u = layer_parts(layer, adapters, x, cos, sin, **kw)
-    return r + _proj(u, layer, adapters, ("w_down",), dtype=kw["dtype"], lora_scale=kw["lora_scale"],
-                     fuse=False)[0]
+    return r + _proj(u, layer, adapters, ("w_down",), lora_scale=kw["lora_scale"])[0]
 
 
 def _take(tree, index):
@@ -107,13 +160,15 @@ def _take(tree, index):
 
 
 def _depth(layers: dict) -> int:
-    return layers["wq"].shape[0]
+    return layers["attn_norm"].shape[0]
 
 
-def scan_layers(layers: dict, adapters: dict | None, x: jax.Array, cos, sin, *, remat: str,
-                unroll: int, **kw) -> jax.Array:
-    """Every layer of a stack in turn: weights [L, ...] scanned over their leading axis."""
-    if _depth(layers) == 0:
+def _loop_prepared(layers: dict, adapters: dict | None, x: jax.Array, cos, sin, *, remat: str, unroll: int,
+                   loop: str, **kw) -> jax.Array:
+    """Every (prepared) layer of a stack in turn: `lax.scan` over the leading axis, or a
+    Python loop over its pieces (`FastConfig.layer_loop`)."""
+    n = _depth(layers)
+    if n == 0:
         return x
 
     def body(h, xs):
@@ -122,15 +177,30 @@ def scan_layers(layers: dict, adapters: dict | None, x: jax.Array, cos, sin, *, 
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
-    x, _ = lax.scan(body, x, (layers, adapters), unroll=unroll)
+    if loop == "scan":
+        return lax.scan(body, x, (layers, adapters), unroll=unroll)[0]
+    # One split per array (its transpose is one concatenation), not n slices: a slice's
+    # transpose would pad every layer's gradient to the whole stack.
+    pieces = jax.tree.map(lambda a: [p[0] for p in jnp.split(a, n, axis=0)], (layers, adapters))
+    for i in range(n):
+        x, _ = body(x, jax.tree.map(lambda p: p[i], pieces, is_leaf=lambda p: isinstance(p, list)))
     return x
 
 
-def stack_parts(layers: dict, x: jax.Array, cos, sin, *, remat: str, unroll: int, **kw):
+def scan_layers(layers: dict, adapters: dict | None, x: jax.Array, cos, sin, *, remat: str,
+                unroll: int, loop: str = "scan", **kw) -> jax.Array:
+    """Every layer of a stack ({key: [L, ...]}, as stored) in turn."""
+    prepared = prepare_layers(layers, dtype=kw["dtype"], fuse=kw.get("fuse", True))
+    return _loop_prepared(prepared, adapters, x, cos, sin, remat=remat, unroll=unroll, loop=loop, **kw)
+
+
+def stack_parts(layers: dict, x: jax.Array, cos, sin, *, remat: str, unroll: int, loop: str = "scan", **kw):
     """A whole stack but its last down-projection: -> (r, u) of the last layer."""
     n = _depth(layers)
-    x = scan_layers(_take(layers, slice(0, n - 1)), None, x, cos, sin, remat=remat, unroll=unroll, **kw)
-    return layer_parts(_take(layers, n - 1), None, x, cos, sin, **kw)
+    prepared = prepare_layers(layers, dtype=kw["dtype"], fuse=kw.get("fuse", True))
+    x = _loop_prepared(_take(prepared, slice(0, n - 1)), None, x, cos, sin, remat=remat, unroll=unroll,
+                       loop=loop, **kw)
+    return layer_parts(_take(prepared, n - 1), None, x, cos, sin, **kw)
 
 
 def _rope(t: int, cfg: LlamaConfig):
@@ -149,8 +219,7 @@ def block_forward(backbone_layers: dict, block: dict, x: jax.Array, cfg: LlamaCo
     backbone_layers: {key: [L_block, ...]} the block's backbone layers;
     block: {"experts": {key: [N, expert_layers, ...]}, "gate_w": [D, E], "gate_b": [E]}.
     """
-    kw = _layer_kwargs(cfg, fast, None)
-    stack_kw = dict(remat=fast.remat, unroll=fast.scan_unroll, **kw)
+    stack_kw = _stack_kwargs(cfg, fast)
     cos, sin = _rope(x.shape[1], cfg)
     logits = gate_logits(block["gate_w"], block["gate_b"], x)                     # [B, T, E]
     experts = block["experts"]
@@ -185,11 +254,10 @@ def llama_hidden(backbone: dict, tokens: jax.Array, cfg: LlamaConfig, fast: Fast
     stacked LoRA tree {"layers": {name: {"a", "b"}}} (with its `lora` config)."""
     if (adapters is None) != (lora is None):
         raise ValueError("LoRA adapters and their LoraConfig go together")
-    kw = _layer_kwargs(cfg, fast, lora)
     cos, sin = _rope(tokens.shape[1], cfg)
     x = embed(backbone, tokens, fast.dtype)
     return scan_layers(backbone["layers"], None if adapters is None else adapters["layers"], x, cos, sin,
-                       remat=fast.remat, unroll=fast.scan_unroll, **kw)
+                       **_stack_kwargs(cfg, fast, lora))
 
 
 def mode_hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, fast: FastConfig, *,

@@ -98,10 +98,13 @@ def test_step_matches_ref(method):
         assert set(fast_metrics) == set(metrics)
         for k in metrics:
             assert_close(fast_metrics[k], metrics[k], scale=5, err_msg=k)
-    # AdamW's step is lr * m / sqrt(v): near-zero gradients amplify rounding, hence the scale.
+    # AdamW's step is lr * m / sqrt(v): for a near-zero gradient, float32 rounding (fast/ and
+    # ref/ differentiate the norms and SwiGLU by different but equal formulas) moves the step
+    # by a fraction of lr. Hence a tolerance of 5% of lr (scale 50 = 5e-4 with lr 1e-2).
+    assert OPT.learning_rate == 1e-2
     got = P.to_ref(P.merge(fast_train, fast_frozen))
     for a, b_ in zip(jax.tree.leaves(partition(got, METHODS[method])[0]), jax.tree.leaves(train)):
-        assert_close(a, b_, scale=20)
+        assert_close(a, b_, scale=50)
     for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(fast_frozen)):
         np.testing.assert_array_equal(before, np.asarray(after))
 
