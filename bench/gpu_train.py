@@ -42,6 +42,7 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -51,10 +52,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import profile_summary  # bench/, next to this script
 from mode_jax.fast import model as fast_model
 from mode_jax.fast import params as P
 from mode_jax.fast import train as FT
-from mode_jax.fast.config import FastConfig
+from mode_jax.fast.config import LAYER_LOOPS, REMATS, FastConfig
 from mode_jax.ref import llama as ref_llama
 from mode_jax.ref import mode as ref_mode
 from mode_jax.ref import train as RT
@@ -79,7 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="skip the matmul measurement")
     p.add_argument("--peer-json", default=None, help="JSON lines written by bench/peer_hf.py")
     p.add_argument("--loss-chunk", type=int, default=4096)
-    p.add_argument("--remat", default="none", choices=["none", "dots", "full"])
+    p.add_argument("--remat", default=None, choices=list(REMATS), help="default: FastConfig's")
+    p.add_argument("--layer-loop", default=None, choices=list(LAYER_LOOPS), help="default: FastConfig's")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     p.add_argument("--variants", default="",
                    help="extra unchecked rows with other FastConfig fields, e.g. "
@@ -87,6 +90,12 @@ def parse_args(argv=None):
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--small", action="store_true", help="tiny CPU smoke test")
     p.add_argument("--json", default=None, help="also write every row as JSON lines here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing each train step, trace --profile-steps more under jax.profiler "
+                        "into DIR/<run> and print where the GPU time goes (bench/profile_summary.py)")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--dump-hlo", default=None, metavar="DIR",
+                   help="write each compiled train step's optimised HLO to DIR/<run>.hlo.txt")
     args = p.parse_args(argv)
     if args.small:
         args.batch, args.seq, args.steps, args.warmup = 2, 32, 3, 1
@@ -185,8 +194,9 @@ def random_batch(key, cfg, batch, seq):
 
 
 def fast_config(part: str, args, overrides: dict | None = None) -> FastConfig:
-    base = FastConfig(attention=args.attention, remat=args.remat, loss_chunk=args.loss_chunk,
-                      merge="stacked" if part == "mode_stacked" else "fused")
+    chosen = {k: v for k, v in (("remat", args.remat), ("layer_loop", args.layer_loop)) if v is not None}
+    base = FastConfig(attention=args.attention, loss_chunk=args.loss_chunk,
+                      merge="stacked" if part == "mode_stacked" else "fused", **chosen)
     return dataclasses.replace(base, **(overrides or {}))
 
 
@@ -274,13 +284,24 @@ def run_train(part: str, args, peak: float, overrides: dict | None = None) -> di
 
     seconds, (train, state, metrics) = median_time(one, (train, state, None), steps=args.steps,
                                                    warmup=args.warmup)
+    label = f"ours {LABEL[part]}{_tag(overrides)}"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+    if args.dump_hlo:
+        os.makedirs(args.dump_hlo, exist_ok=True)
+        with open(os.path.join(args.dump_hlo, f"{slug}.hlo.txt"), "w") as fh:
+            fh.write(compiled.as_text())
+    if args.profile:
+        logdir = os.path.join(args.profile, slug)
+        train, state, metrics = profile_summary.trace(one, (train, state, metrics), steps=args.profile_steps,
+                                                      logdir=logdir)
+        print(f"--- profile: {label}\n" + profile_summary.summarize(logdir, steps=args.profile_steps, top=40,
+                                                                     step_ms=1e3 * seconds), flush=True)
     if not np.isfinite(float(metrics["loss"])):
         raise AssertionError(f"{part}: loss is {float(metrics['loss'])}")
     tokens = args.batch * args.seq
     flops = flops_per_token(part, cfg, args.seq) * tokens
     memory = compiled.memory_analysis()
     temp_gb = getattr(memory, "temp_size_in_bytes", 0) / 2**30 if memory is not None else float("nan")
-    label = f"ours {LABEL[part]}{_tag(overrides)}"
     return {"run": label, "part": part if not overrides else f"{part}*", "compile_s": compile_s,
             "step_ms": 1e3 * seconds,
             "tokens_per_s": tokens / seconds, "tflop_per_step": flops / 1e12,
