@@ -159,7 +159,7 @@ class MpmdStep:
                                      [place(np.int32(i), replicated(mesh)) for i in range(n_blocks)]))
         bb = self.meshes[0]
         where = f"placement 'backbone' {dict(bb.mesh.shape)}"
-        comps = self._split(params)
+        comps = jax.eval_shape(self._split, params)        # shapes only: params may be ShapeDtypeStructs
         self.shardings = {
             "backbone": shardings_for(comps["backbone"], bb.mesh, bb.rules, where=where),
             "gates": shardings_for(comps["gates"], bb.mesh, bb.rules, where=where),

@@ -58,10 +58,10 @@ class Parallelism:
 
 def add_mesh_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parallelism (docs/distributed.md)")
-    g.add_argument("--mesh", default="dp",
+    g.add_argument("--mesh", default=None,
                    help="SPMD mesh over all devices: axes name=size from dp, fsdp, tp, ep, e.g. "
                         "'dp=2,tp=4' or 'fsdp' (one size may be omitted), or a preset: "
-                        f"{', '.join(PRESETS)} (default: dp)")
+                        f"{', '.join(PRESETS)} (default: one device, no mesh)")
     g.add_argument("--placement", default=None,
                    help="MPMD instead of SPMD: e.g. 'backbone=0-3;experts=4-5,6-7' or "
                         "'backbone=0-3[fsdp=4];experts=4-5[tp=2]:0-1,6-7:2-3'")

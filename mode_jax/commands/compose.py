@@ -58,7 +58,9 @@ def run(args) -> int:
         experts = [expert_io.load_expert(p) for p in args.experts]   # format checks before any loading
         domains = [e.domain for e in experts]
     ctx = stages.prepare(cfg, domains, progress=not args.quiet)
-    ctx.deadline, ctx.throttle = deadline, args.throttle
+    cliargs.start(ctx, args, deadline)
+    stages.check_parallelism(ctx, "uninit" if args.uninit else ("stage2_frozen" if args.freeze_experts else "stage2"),
+                             len(domains))
     if experts is not None:
         experts = expert_io.load_compatible(args.experts, llama=ctx.llama, mode=sources.mode_config(cfg, 1),
                                             fingerprint=ctx.backbone.fingerprint)

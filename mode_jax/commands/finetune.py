@@ -28,14 +28,16 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from mode_jax.pipeline import runs, stages
+    from mode_jax.pipeline import runs, sharded, stages
 
+    if args.mesh or args.placement:
+        sharded.check_method(args.method, args.mesh or args.placement)
     if args.steps is not None:
         args.overrides.append(f"train.steps={args.steps}")
     cfg = cliargs.config_from_args(args)
     deadline = cliargs.deadline(args)
     ctx = stages.prepare(cfg, cfg.domains.targets, progress=not args.quiet)
-    ctx.deadline, ctx.throttle = deadline, args.throttle
+    cliargs.start(ctx, args, deadline)
     out = args.out or runs.default_out("finetune", args.method)
     run_dir = runs.RunDir.create(out, cfg, kind=f"finetune-{args.method}", resume=args.resume,
                                  info={"method": args.method, "backbone": ctx.backbone.name,

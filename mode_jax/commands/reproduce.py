@@ -70,7 +70,9 @@ def run(args) -> int:
     preset = args.preset or (None if args.config else args.default_preset)
     out = Path(args.out or runs.default_out("reproduce", preset or "config"))
     ctx = stages.prepare(cfg, cfg.domains.targets, progress=not args.quiet)
-    ctx.deadline, ctx.throttle = deadline, args.throttle
+    cliargs.start(ctx, args, deadline)
+    for method, n_experts in (("stage1", 1), ("stage2", len(cfg.domains.targets))):
+        stages.check_parallelism(ctx, method, n_experts)
     root = runs.RunDir.create(out, cfg, kind="reproduce", resume=args.resume,
                               info={"preset": preset, "backbone": ctx.backbone.name,
                                     "backbone_fingerprint": ctx.backbone.fingerprint,

@@ -37,7 +37,8 @@ def run(args) -> int:
     cfg = cliargs.config_from_args(args)
     deadline = cliargs.deadline(args)
     ctx = stages.prepare(cfg, [args.domain], progress=not args.quiet)
-    ctx.deadline, ctx.throttle = deadline, args.throttle
+    cliargs.start(ctx, args, deadline)
+    stages.check_parallelism(ctx, "stage1", 1)
     out = args.out or runs.default_out("expert", args.domain)
     run_dir = runs.RunDir.create(out, cfg, kind="train-expert", resume=args.resume,
                                  info={"domain": args.domain, "backbone": ctx.backbone.name,

@@ -48,8 +48,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_mesh_args(p: argparse.ArgumentParser) -> None:
-    """--mesh / --placement from mode_jax.distributed, when that module exists.
-    The multi-device options (see `check_parallelism`)."""
+    """--mesh / --placement from mode_jax.distributed, when that module exists
+    (see `parallelism`)."""
     try:
         distributed = importlib.import_module("mode_jax.distributed")
     except ImportError:
@@ -58,19 +58,30 @@ def _add_mesh_args(p: argparse.ArgumentParser) -> None:
         distributed.add_mesh_args(p)
 
 
-def check_parallelism(args) -> None:
-    """The pipeline commands train on one device. THE single place to wire
-    `mode_jax.distributed.mesh_from_args(args)` in when they learn to shard; until then
-    a mesh or placement other than the default is refused rather than ignored."""
-    mesh = getattr(args, "mesh", None)
-    if getattr(args, "placement", None) or mesh not in (None, "dp") or getattr(args, "coordinator", None):
-        from mode_jax.errors import UserError
-        raise UserError("--mesh / --placement / --coordinator: the pipeline commands train on one device "
-                        "for now (sharded training lives in mode_jax.fast.spmd / mode_jax.fast.mpmd)")
+def parallelism(args):
+    """What --mesh / --placement (and the multi-process flags) ask for: None (the default:
+    one device) or a `mode_jax.distributed.Parallelism`. Starts jax.distributed when asked.
+    Bad flags raise UserError before anything is loaded."""
+    asked = [getattr(args, k, None) for k in ("mesh", "placement", "coordinator")]
+    if not any(asked):
+        return None
+    from mode_jax import distributed
+    from mode_jax.errors import UserError
+    try:
+        return distributed.mesh_from_args(args)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+def start(ctx, args, deadline) -> None:
+    """The run-time settings of a training command's context: time limit, throttle, parallelism."""
+    ctx.deadline, ctx.throttle = deadline, args.throttle
+    ctx.parallelism = parallelism(args)
+    if ctx.parallelism is not None and not args.quiet:
+        print(f"parallelism: {ctx.parallelism.describe()}", file=sys.stderr)
 
 
 def config_from_args(args) -> presets.PipelineConfig:
-    check_parallelism(args)
     overrides = list(args.overrides)
     if getattr(args, "data_dir", None):
         overrides.append(f"data.dir={presets._toml_value(args.data_dir)}")

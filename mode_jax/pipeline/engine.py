@@ -43,9 +43,16 @@ class Steps:
     train_step: Callable        # (trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)
     eval_step: Callable         # (params, tokens [B, T+1]) -> {"loss", "accuracy", "routing" | None}
     prepare_frozen: Callable    # frozen params -> frozen params as the step wants them (dtype)
-    backend: str                # "ref" or "fast"
+    backend: str                # "ref", "fast", "spmd" or "mpmd"
     to_backend: Callable        # reference-layout params -> the layout the steps take
     from_backend: Callable      # and back (exact: arrays are only stacked / unstacked)
+    # Sharded steps (mode_jax/pipeline/sharded.py) lay their state out on device meshes:
+    # split (params in the backend layout, trainable partition name) -> (trainable, frozen);
+    # join (trainable, frozen) -> params in the backend layout; place (trainable, opt_state)
+    # -> the same laid out (after init or a checkpoint restore). Defaults: one device.
+    split: Callable = lambda params, trainable: partition(params, trainable)
+    join: Callable = lambda trainable, frozen: merge(trainable, frozen)
+    place: Callable = lambda trainable, opt_state: (trainable, opt_state)
 
 
 def to_compute(tree, dtype):
@@ -182,7 +189,7 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
     early, after writing a checkpoint, so a long job can be split into calls."""
     from tqdm.auto import tqdm
 
-    trainable, frozen = partition(steps.to_backend(params), METHODS[method])
+    trainable, frozen = steps.split(steps.to_backend(params), METHODS[method])
     # Own copies: a donating step must never free arrays the caller still holds (the backbone).
     trainable = jax.tree.map(jnp.copy, trainable)
     opt_state = steps.init_opt(trainable)
@@ -192,6 +199,7 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
     if found is not None:
         trainable, opt_state, meta = checkpoint.restore(found, trainable_template=trainable,
                                                         opt_template=opt_state)
+        trainable, opt_state = steps.place(trainable, opt_state)
         start, tokens_seen = meta["step"], meta["tokens_seen"]
         run.truncate_metrics(phase, start)
     n_train = param_count(trainable)
@@ -232,7 +240,7 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
         if throttle:
             time.sleep(throttle)
     bar.close()
-    trained = steps.from_backend(merge(trainable, frozen))
+    trained = steps.from_backend(steps.join(trainable, frozen))
     return TrainOutcome(trained, True, total_steps, n_train, time.perf_counter() - began)
 
 

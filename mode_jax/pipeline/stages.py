@@ -15,6 +15,7 @@ Every step ends by writing `result.json` (evaluation, parameter counts, timings)
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any
 
@@ -39,6 +40,7 @@ class Context:
     progress: bool = True
     deadline: float | None = None        # time.time() after which training stops (resumable)
     throttle: float = 0.0                # seconds to sleep after each step (tests of kill/resume)
+    parallelism: Any = None              # mode_jax.distributed.Parallelism (--mesh / --placement) or None
 
     @property
     def llama(self):
@@ -85,12 +87,44 @@ def _sampler(ctx: Context, domains, batch_size: int) -> MixtureSampler:
                           seq_len=ctx.cfg.data.seq_len, seed=ctx.cfg.train.seed)
 
 
+def check_parallelism(ctx: Context, method: str, n_experts: int) -> None:
+    """Build (not compile) the sharded step `--mesh` / `--placement` ask for, on the shapes of
+    a `method` model with `n_experts`, so a layout that does not fit the model is refused
+    before a run directory is written. A no-op on one device or for unsharded methods."""
+    if ctx.parallelism is None:
+        return
+    from mode_jax.pipeline import sharded
+    if not sharded.shardable(method):
+        return
+    cfg = ctx.cfg
+    mode = sources.mode_config(cfg, n_experts)
+    like = jax.eval_shape(lambda b: init_method("uninit", jax.random.key(0), b, ctx.llama, mode=mode),
+                          ctx.backbone.params)
+    base = engine.make_steps(method, ctx.llama, opt=OptimConfig(), compute_dtype=cfg.model.compute_dtype,
+                             backend="ref")
+    sharded.sharded_steps(ctx.parallelism, method, ctx.llama, opt=OptimConfig(),
+                          compute_dtype=cfg.model.compute_dtype, expert_layers=cfg.mode.expert_layers,
+                          params_like=like, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
+                          eval_steps=base)
+
+
 def _train(ctx: Context, run: RunDir, *, phase: str, params: dict, method: str, domains, lr: float,
            total_steps: int, lora: LoraConfig | None = None) -> engine.TrainOutcome:
     cfg = ctx.cfg
     steps = engine.make_steps(method, ctx.llama, opt=optim(cfg, lr, total_steps), lora=lora,
                               compute_dtype=cfg.model.compute_dtype, backend=cfg.model.backend,
                               expert_layers=cfg.mode.expert_layers)
+    if ctx.parallelism is not None:
+        from mode_jax.pipeline import sharded
+        if sharded.shardable(method):
+            steps = sharded.sharded_steps(ctx.parallelism, method, ctx.llama, opt=optim(cfg, lr, total_steps),
+                                          compute_dtype=cfg.model.compute_dtype,
+                                          expert_layers=cfg.mode.expert_layers, params_like=params,
+                                          batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
+                                          eval_steps=steps)
+        elif ctx.progress:
+            print(f"{phase}: {method} trains on one device (--mesh / --placement shard MoDE training)",
+                  file=sys.stderr)
     sampler = _sampler(ctx, domains, cfg.train.batch_size)
     return engine.train_loop(run, phase=phase, params=params, method=method, steps=steps,
                              batch_fn=sampler.batch, total_steps=total_steps,
