@@ -17,3 +17,17 @@ def test_gpu_train_small_runs_its_checks():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "check mode: loss" in proc.stdout and "check block: f32 fused" in proc.stdout
     assert "block fwd+bwd fast/ fused" in proc.stdout
+
+
+def test_plot_train_draws_the_stored_run(tmp_path):
+    out = tmp_path / "plot.png"
+    script = ROOT / "bench" / "plot_train.py"
+    rows = ROOT / "bench" / "results" / "h100-2026-11-24-train.jsonl"
+    proc = subprocess.run([sys.executable, str(script), str(rows), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"run": "ours full FT", "part": "full", "tokens_per_s": 1.0}\n')
+    proc = subprocess.run([sys.executable, str(script), str(bad), "--out", str(tmp_path / "x.png")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "no row for" in proc.stderr and not (tmp_path / "x.png").exists()
