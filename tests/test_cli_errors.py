@@ -44,6 +44,7 @@ def test_missing_model_names_the_command(tmp_path, capsys, monkeypatch):
     ("lr.mode=3", "config lr.mode must be in [1e-08, 1.0], got 3.0"),
     ("train.batch_size=3", "config train.batch_size=3 must be a multiple of the 2 target domains"),
     ("mode.expert_init=\"clone\"", "config mode.expert_init must be one of copy, random, got 'clone'"),
+    ("model.layer_loop=\"while\"", "config model.layer_loop must be one of auto, scan, python, got 'while'"),
     ("train.stepz=3", "unknown config key train.stepz"),
     ("mode.n_blocks=3", "mode.n_blocks"),     # 4 tiny layers do not split into 3 blocks
 ])

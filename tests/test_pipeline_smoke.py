@@ -134,19 +134,22 @@ def _losses(run_dir):
 
 
 def test_backends_and_compute_dtypes_agree(tmp_path):
-    """The fast path (stacked params, chunked loss) and bf16 compute train the same model as
-    the float32 reference, up to rounding; the expert files they write are interchangeable."""
+    """The fast path (stacked params, chunked loss; scan or a Python loop over layers) and bf16
+    compute train the same model as the float32 reference, up to rounding; the expert files
+    they write are interchangeable."""
     from mode_jax.pipeline import engine, expert_io
     if not engine.fast_available():
         pytest.fail("mode_jax.fast is not importable")
     common = ["train-expert", "--domain", "code", "--steps", "3", "--preset", "smoke", "--quiet"]
     variants = {"ref": [], "fast": ["--set", 'model.backend="fast"'],
+                "fast-python-loop": ["--set", 'model.backend="fast"', "--set", 'model.layer_loop="python"'],
                 "fast-bf16": ["--set", 'model.backend="fast"', "--set", 'model.compute_dtype="bfloat16"'],
                 "ref-bf16": ["--set", 'model.compute_dtype="bfloat16"']}
     for name, extra in variants.items():
         assert main([*common, "--out", str(tmp_path / name), *extra]) == 0
     ref = _losses(tmp_path / "ref")
     np.testing.assert_allclose(_losses(tmp_path / "fast"), ref, rtol=2e-5)
+    np.testing.assert_allclose(_losses(tmp_path / "fast-python-loop"), ref, rtol=2e-5)
     for name in ("fast-bf16", "ref-bf16"):
         np.testing.assert_allclose(_losses(tmp_path / name), ref, rtol=2e-2)
     a = expert_io.load_expert(tmp_path / "ref" / "expert-code.safetensors")
@@ -159,3 +162,14 @@ def test_backends_and_compute_dtypes_agree(tmp_path):
         assert results["fast"]["domains"][d]["loss"] == pytest.approx(results["ref"]["domains"][d]["loss"], rel=1e-5)
         np.testing.assert_allclose(results["fast"]["domains"][d]["routing"], results["ref"]["domains"][d]["routing"],
                                    atol=1e-5)
+
+
+def test_model_layer_loop_reaches_the_fast_step():
+    """`model.layer_loop` picks FastConfig.layer_loop of the steps the pipeline builds."""
+    from mode_jax.pipeline import engine
+    from mode_jax.ref.config import LlamaConfig, OptimConfig
+    for loop in ("auto", "scan", "python"):
+        steps = engine.make_steps("full", LlamaConfig.tiny(), opt=OptimConfig(), backend="fast", layer_loop=loop)
+        assert steps.train_step.keywords["fast"].layer_loop == loop
+    cfg = presets.load_config(preset="gpu")
+    assert cfg.model.layer_loop == "scan"

@@ -107,13 +107,15 @@ def _identity(x):
 
 
 def make_steps(method: str, cfg: LlamaConfig, *, opt: OptimConfig, lora: LoraConfig | None = None,
-               compute_dtype: str = "float32", backend: str = "auto", expert_layers: int | None = None) -> Steps:
+               compute_dtype: str = "float32", backend: str = "auto", expert_layers: int | None = None,
+               layer_loop: str = "auto") -> Steps:
     """Train/eval steps for `method` ("stage1", "stage2", ..., "full", "lora").
 
     backend "auto": the fast path when importable, else the reference; "ref" / "fast": that one.
     Callers hold params in the reference layout; `Steps.to_backend` / `from_backend` convert."""
     if backend == "fast" or (backend == "auto" and fast_available()):
-        return _fast_steps(cfg, opt=opt, lora=lora, compute_dtype=compute_dtype, expert_layers=expert_layers)
+        return _fast_steps(cfg, opt=opt, lora=lora, compute_dtype=compute_dtype, expert_layers=expert_layers,
+                           layer_loop=layer_loop)
     dtype = jnp.dtype(compute_dtype)
     if dtype == jnp.float32:
         train = functools.partial(ref_train_step, cfg=cfg, opt=opt, lora=lora)
@@ -126,12 +128,12 @@ def make_steps(method: str, cfg: LlamaConfig, *, opt: OptimConfig, lora: LoraCon
                  to_backend=_identity, from_backend=_identity)
 
 
-def _fast_steps(cfg, *, opt, lora, compute_dtype, expert_layers) -> Steps:
+def _fast_steps(cfg, *, opt, lora, compute_dtype, expert_layers, layer_loop="auto") -> Steps:
     from mode_jax.fast import params as fast_params
     from mode_jax.fast import train as fast_train
     from mode_jax.fast.config import FastConfig
 
-    fast = FastConfig(compute_dtype=compute_dtype)
+    fast = FastConfig(compute_dtype=compute_dtype, layer_loop=layer_loop)
     train = functools.partial(fast_train.train_step, cfg=cfg, opt=opt, lora=lora, fast=fast)
     evaluate_fn = functools.partial(_fast_eval_step, cfg=cfg, lora=lora, fast=fast)
     return Steps(init_opt=lambda t: fast_train.init_opt_state(t, opt), train_step=train,

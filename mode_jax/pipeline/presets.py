@@ -30,6 +30,9 @@ class ModelSection:
     source: str = "smollm2-135m"   # a name from `mode-jax fetch --list`, a .gguf path, or "tiny" (random)
     compute_dtype: str = "float32"  # "bfloat16": backbone and expert matmuls in bf16; gates, master weights f32
     backend: str = "auto"          # "auto": mode_jax.fast when importable, else the reference; "ref"; "fast"
+    # fast backend: how a stack of layers is looped over (mode_jax.fast.FastConfig.layer_loop).
+    # "auto": a Python loop on GPU (faster steps, longer compiles), scan elsewhere; "scan"; "python".
+    layer_loop: str = "auto"
     seed: int = 0                  # init of the "tiny" random backbone (its fingerprint changes with it)
     tiny_d_model: int = 32         # shape of the "tiny" backbone (ignored for real models)
     tiny_n_layers: int = 4
@@ -131,6 +134,7 @@ RANGES = [
 CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.backend": ("auto", "ref", "fast"),
+    "model.layer_loop": ("auto", "scan", "python"),
     "data.source": ("built", "synthetic"),
     "mode.expert_init": ("copy", "random"),
     "mode.gate_init": ("backbone", "uniform"),

@@ -38,7 +38,8 @@ def check_method(method: str, parallelism) -> None:
 
 
 def sharded_steps(parallelism, method: str, cfg: LlamaConfig, *, opt: OptimConfig, compute_dtype: str,
-                  expert_layers: int | None, params_like: dict, batch_size: int, seq_len: int, eval_steps):
+                  expert_layers: int | None, params_like: dict, batch_size: int, seq_len: int, eval_steps,
+                  layer_loop: str = "auto"):
     """`engine.Steps` for `parallelism` (a `mode_jax.distributed.Parallelism`).
     params_like: the reference-layout params (read for shapes); eval_steps: the
     single-device Steps whose eval_step evaluates the gathered model."""
@@ -48,7 +49,7 @@ def sharded_steps(parallelism, method: str, cfg: LlamaConfig, *, opt: OptimConfi
 
     check_method(method, parallelism)
     trainable = METHODS[method]
-    fast = FastConfig(compute_dtype=compute_dtype)
+    fast = FastConfig(compute_dtype=compute_dtype, layer_loop=layer_loop)
     to_fast = functools.partial(fast_params.to_fast, expert_layers=expert_layers)
     like = jax.eval_shape(to_fast, params_like)
     common = dict(eval_step=eval_steps.eval_step, to_backend=to_fast)

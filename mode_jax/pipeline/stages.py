@@ -103,22 +103,22 @@ def check_parallelism(ctx: Context, method: str, n_experts: int) -> None:
     base = engine.make_steps(method, ctx.llama, opt=OptimConfig(), compute_dtype=cfg.model.compute_dtype,
                              backend="ref")
     sharded.sharded_steps(ctx.parallelism, method, ctx.llama, opt=OptimConfig(),
-                          compute_dtype=cfg.model.compute_dtype, expert_layers=cfg.mode.expert_layers,
-                          params_like=like, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
-                          eval_steps=base)
+                          compute_dtype=cfg.model.compute_dtype, layer_loop=cfg.model.layer_loop,
+                          expert_layers=cfg.mode.expert_layers, params_like=like,
+                          batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len, eval_steps=base)
 
 
 def _train(ctx: Context, run: RunDir, *, phase: str, params: dict, method: str, domains, lr: float,
            total_steps: int, lora: LoraConfig | None = None) -> engine.TrainOutcome:
     cfg = ctx.cfg
     steps = engine.make_steps(method, ctx.llama, opt=optim(cfg, lr, total_steps), lora=lora,
-                              compute_dtype=cfg.model.compute_dtype, backend=cfg.model.backend,
-                              expert_layers=cfg.mode.expert_layers)
+                              compute_dtype=cfg.model.compute_dtype, layer_loop=cfg.model.layer_loop,
+                              backend=cfg.model.backend, expert_layers=cfg.mode.expert_layers)
     if ctx.parallelism is not None:
         from mode_jax.pipeline import sharded
         if sharded.shardable(method):
             steps = sharded.sharded_steps(ctx.parallelism, method, ctx.llama, opt=optim(cfg, lr, total_steps),
-                                          compute_dtype=cfg.model.compute_dtype,
+                                          compute_dtype=cfg.model.compute_dtype, layer_loop=cfg.model.layer_loop,
                                           expert_layers=cfg.mode.expert_layers, params_like=params,
                                           batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
                                           eval_steps=steps)
@@ -137,7 +137,7 @@ def evaluate_params(ctx: Context, params: dict, *, method: str, desc: str) -> di
     lora = lora_config(ctx.cfg) if "lora" in params else None
     steps = engine.make_steps(method, ctx.llama, opt=OptimConfig(), lora=lora,
                               compute_dtype=ctx.cfg.model.compute_dtype, backend=ctx.cfg.model.backend,
-                              expert_layers=ctx.cfg.mode.expert_layers)
+                              expert_layers=ctx.cfg.mode.expert_layers, layer_loop=ctx.cfg.model.layer_loop)
     start = time.perf_counter()
     per_domain = engine.evaluate(steps, params, ctx.eval_sets, batch_size=ctx.cfg.data.eval_batch_size,
                                  progress=ctx.progress, desc=desc)
