@@ -39,7 +39,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from mode_jax.pipeline import expert_io, runs, sources, stages
+    from mode_jax.pipeline import expert_io, sources, stages
 
     if bool(args.experts) == bool(args.uninit):
         raise UserError("give either --experts FILE ... or --uninit --domains D ...")
@@ -65,13 +65,10 @@ def run(args) -> int:
         experts = expert_io.load_compatible(args.experts, llama=ctx.llama, mode=sources.mode_config(cfg, 1),
                                             fingerprint=ctx.backbone.fingerprint)
     kind = "compose-uninit" if args.uninit else "compose"
-    out = args.out or runs.default_out(kind, "-".join(domains))
-    run_dir = runs.RunDir.create(out, cfg, kind=kind, resume=args.resume,
-                                 info={"experts": args.experts, "domains": domains, "freeze_experts":
-                                       args.freeze_experts, "backbone": ctx.backbone.name,
-                                       "backbone_fingerprint": ctx.backbone.fingerprint})
-    if run_dir.is_done():
-        print(cliargs.summary(run_dir.result()))
+    run_dir = cliargs.open_run(args, cfg, ctx, kind=kind, out_name=f"{kind}-{'-'.join(domains)}",
+                               info={"experts": args.experts, "domains": domains,
+                                     "freeze_experts": args.freeze_experts})
+    if run_dir is None:
         return 0
     if args.uninit:
         result = stages.uninit(ctx, run_dir, domains)

@@ -28,22 +28,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from mode_jax.pipeline import runs, sharded, stages
+    from mode_jax.pipeline import sharded, stages
 
     if args.mesh or args.placement:
-        sharded.check_method(args.method, args.mesh or args.placement)
+        sharded.check_method(args.method)
     if args.steps is not None:
         args.overrides.append(f"train.steps={args.steps}")
     cfg = cliargs.config_from_args(args)
     deadline = cliargs.deadline(args)
     ctx = stages.prepare(cfg, cfg.domains.targets, progress=not args.quiet)
     cliargs.start(ctx, args, deadline)
-    out = args.out or runs.default_out("finetune", args.method)
-    run_dir = runs.RunDir.create(out, cfg, kind=f"finetune-{args.method}", resume=args.resume,
-                                 info={"method": args.method, "backbone": ctx.backbone.name,
-                                       "backbone_fingerprint": ctx.backbone.fingerprint})
-    if run_dir.is_done():
-        print(cliargs.summary(run_dir.result()))
+    run_dir = cliargs.open_run(args, cfg, ctx, kind=f"finetune-{args.method}", out_name=f"finetune-{args.method}",
+                               info={"method": args.method})
+    if run_dir is None:
         return 0
     result = stages.finetune(ctx, run_dir, args.method)
     return cliargs.report(run_dir, result, "model_file")

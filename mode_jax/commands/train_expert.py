@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from mode_jax.pipeline import runs, sources, stages
+    from mode_jax.pipeline import sources, stages
 
     sources.check_domains([args.domain])
     if args.steps is not None:
@@ -39,12 +39,9 @@ def run(args) -> int:
     ctx = stages.prepare(cfg, [args.domain], progress=not args.quiet)
     cliargs.start(ctx, args, deadline)
     stages.check_parallelism(ctx, "stage1", 1)
-    out = args.out or runs.default_out("expert", args.domain)
-    run_dir = runs.RunDir.create(out, cfg, kind="train-expert", resume=args.resume,
-                                 info={"domain": args.domain, "backbone": ctx.backbone.name,
-                                       "backbone_fingerprint": ctx.backbone.fingerprint})
-    if run_dir.is_done():
-        print(cliargs.summary(run_dir.result()))
+    run_dir = cliargs.open_run(args, cfg, ctx, kind="train-expert", out_name=f"expert-{args.domain}",
+                               info={"domain": args.domain})
+    if run_dir is None:
         return 0
     result = stages.train_expert(ctx, run_dir, args.domain)
     return cliargs.report(run_dir, result, "expert_file",

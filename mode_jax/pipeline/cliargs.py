@@ -103,6 +103,20 @@ def deadline(args) -> float | None:
     return time.time() + limit
 
 
+def open_run(args, cfg, ctx, *, kind: str, out_name: str, info: dict):
+    """The command's run directory (--out, else runs/<out_name>-<time>), its info plus
+    the backbone's name and fingerprint; None when it already holds a finished run, whose
+    summary is then printed."""
+    from mode_jax.pipeline import runs
+    run_dir = runs.RunDir.create(args.out or runs.default_out(out_name), cfg, kind=kind, resume=args.resume,
+                                 info={**info, "backbone": ctx.backbone.name,
+                                       "backbone_fingerprint": ctx.backbone.fingerprint})
+    if run_dir.is_done():
+        print(summary(run_dir.result()))
+        return None
+    return run_dir
+
+
 def summary(result: dict) -> str:
     """One line: the run's label and accuracy/loss per evaluated domain."""
     parts = [f"{d} acc {100 * v['accuracy']:.2f}% loss {v['loss']:.3f}" for d, v in result["domains"].items()]

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from mode_jax.errors import UserError
+from mode_jax.pipeline.engine import Steps
 from mode_jax.ref.config import LlamaConfig, OptimConfig
 from mode_jax.ref.methods import METHODS
 from mode_jax.ref.optim import adamw_init
@@ -31,8 +32,9 @@ def shardable(method: str) -> bool:
     return METHODS[method] in SHARDED_TRAINABLE
 
 
-def check_method(method: str, parallelism) -> None:
-    if parallelism is not None and not shardable(method):
+def check_method(method: str) -> None:
+    """Refuse --mesh / --placement for a method they do not shard."""
+    if not shardable(method):
         raise UserError(f"--mesh / --placement shard MoDE training (experts and gates); method {method!r} "
                         f"trains {METHODS[method]!r} on one device: drop the flag")
 
@@ -45,9 +47,8 @@ def sharded_steps(parallelism, method: str, cfg: LlamaConfig, *, opt: OptimConfi
     single-device Steps whose eval_step evaluates the gathered model."""
     from mode_jax.fast import params as fast_params
     from mode_jax.fast.config import FastConfig
-    from mode_jax.pipeline.engine import Steps
 
-    check_method(method, parallelism)
+    check_method(method)
     trainable = METHODS[method]
     fast = FastConfig(compute_dtype=compute_dtype, layer_loop=layer_loop)
     to_fast = functools.partial(fast_params.to_fast, expert_layers=expert_layers)
@@ -55,8 +56,8 @@ def sharded_steps(parallelism, method: str, cfg: LlamaConfig, *, opt: OptimConfi
     common = dict(eval_step=eval_steps.eval_step, to_backend=to_fast)
     try:
         if parallelism.kind == "spmd":
-            return _spmd_steps(parallelism, like, cfg, opt, trainable, fast, batch_size, seq_len, Steps, common)
-        return _mpmd_steps(parallelism, like, cfg, opt, trainable, fast, batch_size, seq_len, Steps, common)
+            return _spmd_steps(parallelism, like, cfg, opt, trainable, fast, batch_size, seq_len, common)
+        return _mpmd_steps(parallelism, like, cfg, opt, trainable, fast, batch_size, seq_len, common)
     except ValueError as err:          # a layout that does not fit the model: before any compile
         raise UserError(str(err)) from None
 
@@ -69,18 +70,16 @@ def _host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def _spmd_steps(par, like, cfg, opt, trainable, fast, batch_size, seq_len, Steps, common):
+def _spmd_steps(par, like, cfg, opt, trainable, fast, batch_size, seq_len, common):
     from mode_jax.fast.params import partition, to_ref
     from mode_jax.fast.sharding import place
     from mode_jax.fast.spmd import SpmdStep
+    from mode_jax.fast.train import cast_frozen
 
     step = SpmdStep.build(like, cfg, opt, mesh=par.mesh, rules=par.rules, trainable=trainable,
                           batch_size=batch_size, seq_len=seq_len, fast=fast)
     sh = step.shardings
     init = jax.jit(adamw_init, out_shardings=sh["opt"])
-
-    def cast(frozen):
-        return jax.tree.map(lambda x: x.astype(fast.dtype) if x.dtype.kind == "f" else x, frozen)
 
     def split(params, _):
         train, frozen = partition(params, trainable)
@@ -88,13 +87,13 @@ def _spmd_steps(par, like, cfg, opt, trainable, fast, batch_size, seq_len, Steps
 
     return Steps(init_opt=lambda t: init(place(t, sh["trainable"])),
                  train_step=lambda t, f, o, b: step(t, f, o, step.place_batch(b)),
-                 prepare_frozen=lambda f: place(cast(f), sh["frozen"]),
+                 prepare_frozen=lambda f: place(cast_frozen(f, fast), sh["frozen"]),
                  backend="spmd", from_backend=lambda p: to_ref(_host(p)),
                  place=lambda t, o: (place(t, sh["trainable"]), place(o, sh["opt"])),
                  split=split, **common)
 
 
-def _mpmd_steps(par, like, cfg, opt, trainable, fast, batch_size, seq_len, Steps, common):
+def _mpmd_steps(par, like, cfg, opt, trainable, fast, batch_size, seq_len, common):
     """MpmdStep keeps one state {"backbone", "gates", "experts": [per mesh], "opt"}; the
     loop's (trainable, frozen, opt_state) are its pieces: trainable = {"gates", "experts"},
     frozen = {"backbone"}, opt_state = its "opt"."""
