@@ -115,25 +115,41 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention(layer: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int, head_dim: int,
-              rope_theta: float) -> jax.Array:
-    """Grouped-query causal self-attention of x [B, T, D] -> [B, T, D] (no norm, no residual)."""
+def attention_qkv(layer: dict, x: jax.Array, positions: jax.Array, *, n_heads: int, n_kv_heads: int,
+                  head_dim: int, rope_theta: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, T, N, H] and k, v [B, T, K, H] of x [B, T, D]; q and k rotated for `positions` [T]."""
     b, t, _ = x.shape
     q = (x @ layer["wq"]).reshape(b, t, n_heads, head_dim)        # [B, T, N, H]
     k = (x @ layer["wk"]).reshape(b, t, n_kv_heads, head_dim)     # [B, S, K, H]
     v = (x @ layer["wv"]).reshape(b, t, n_kv_heads, head_dim)     # [B, S, K, H]
-    cos, sin = rope_tables(jnp.arange(t), head_dim=head_dim, theta=rope_theta)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    cos, sin = rope_tables(positions, head_dim=head_dim, theta=rope_theta)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(H)) v over the keys where mask [T, S] is True:
+    q [B, T, N, H], k, v [B, S, K, H] -> [B, T, N*H] (before the output projection)."""
+    b, t, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[2]
     # Each group of N/K query heads shares one kv head.
     group = n_heads // n_kv_heads
     q = q.reshape(b, t, n_kv_heads, group, head_dim)              # [B, T, K, G, H]
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
     scores = scores / np.sqrt(head_dim)
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    scores = jnp.where(causal, scores, -jnp.inf)
+    scores = jnp.where(mask, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)       # [B, K, G, T, S]
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)                # [B, T, K, G, H]
-    return out.reshape(b, t, n_heads * head_dim) @ layer["wo"]
+    return out.reshape(b, t, n_heads * head_dim)
+
+
+def attention(layer: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int, head_dim: int,
+              rope_theta: float) -> jax.Array:
+    """Grouped-query causal self-attention of x [B, T, D] -> [B, T, D] (no norm, no residual)."""
+    t = x.shape[1]
+    q, k, v = attention_qkv(layer, x, jnp.arange(t), n_heads=n_heads, n_kv_heads=n_kv_heads,
+                            head_dim=head_dim, rope_theta=rope_theta)
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    return attend(q, k, v, causal) @ layer["wo"]
 
 
 def mlp(layer: dict, x: jax.Array) -> jax.Array:
