@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import profile_summary  # bench/, next to this script
+from shapes import SHAPES  # bench/, next to this script
 from mode_jax.fast import model as fast_model
 from mode_jax.fast import params as P
 from mode_jax.fast import train as FT
@@ -89,6 +90,8 @@ def parse_args(argv=None):
                         "'full:scan_unroll=2,mode:remat=dots+loss_chunk=8192'")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--small", action="store_true", help="tiny CPU smoke test")
+    p.add_argument("--shape", default="135m", choices=list(SHAPES),
+                   help="model shape (bench/shapes.py); MoDE uses the shape's block count")
     p.add_argument("--json", default=None, help="also write every row as JSON lines here")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing each train step, trace --profile-steps more under jax.profiler "
@@ -119,10 +122,13 @@ def compiler_options():
     return CPU_COMPILE if jax.default_backend() == "cpu" else None
 
 
-def model_config(small: bool, n_layers: int | None = None) -> LlamaConfig:
+def model_config(small: bool, n_layers: int | None = None, shape: str = "135m") -> LlamaConfig:
     if small:
         return LlamaConfig.tiny(n_layers=3)       # one layer per block: compiles stay short
-    cfg = LlamaConfig.smollm2_135m()
+    s = SHAPES[shape]
+    cfg = LlamaConfig(vocab_size=s["vocab_size"], d_model=s["hidden_size"], n_layers=s["num_hidden_layers"],
+                      n_heads=s["num_attention_heads"], n_kv_heads=s["num_key_value_heads"],
+                      head_dim=s["head_dim"], d_ff=s["intermediate_size"], rope_theta=s["rope_theta"])
     return dataclasses.replace(cfg, n_layers=n_layers) if n_layers else cfg
 
 
@@ -239,7 +245,7 @@ def compiled_step(train, frozen, state, batch, *, cfg, lora, fast):
 
 def check_step(part: str, args, overrides: dict | None = None) -> str:
     """One step of fast/ (bf16) against ref/ (float32) on a small model of the same width."""
-    cfg = model_config(args.small, n_layers=6)     # --small: the very model that is timed
+    cfg = model_config(args.small, n_layers=6, shape=args.shape)     # --small: the very model that is timed
     lora = LORA if part == "lora" else None
     params = build(part, cfg, jax.random.key(7))
     if part.startswith("mode"):
@@ -267,7 +273,7 @@ def check_step(part: str, args, overrides: dict | None = None) -> str:
 # ----------------------------------------------------------------------------- train steps
 
 def run_train(part: str, args, peak: float, overrides: dict | None = None) -> dict:
-    cfg = model_config(args.small)
+    cfg = model_config(args.small, shape=args.shape)
     lora = LORA if part == "lora" else None
     fast = fast_config(part, args, overrides)
     params = P.to_fast(build(part, cfg, jax.random.key(0)))
@@ -302,11 +308,13 @@ def run_train(part: str, args, peak: float, overrides: dict | None = None) -> di
     flops = flops_per_token(part, cfg, args.seq) * tokens
     memory = compiled.memory_analysis()
     temp_gb = getattr(memory, "temp_size_in_bytes", 0) / 2**30 if memory is not None else float("nan")
+    # Device memory the step needs: its arguments (params, state, batch; outputs alias them) + temporaries.
+    mem_gb = (temp_gb + getattr(memory, "argument_size_in_bytes", 0) / 2**30) if memory is not None else float("nan")
     return {"run": label, "part": part if not overrides else f"{part}*", "compile_s": compile_s,
             "step_ms": 1e3 * seconds,
             "tokens_per_s": tokens / seconds, "tflop_per_step": flops / 1e12,
             "tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak,
-            "trainable_params": P.count_params(train), "temp_gb": temp_gb,
+            "trainable_params": P.count_params(train), "temp_gb": temp_gb, "mem_gb": mem_gb, "shape": args.shape,
             "loss": float(metrics["loss"])}
 
 
@@ -400,7 +408,7 @@ def _flat(out):
 
 
 def run_block(args, t0, overrides: dict | None = None) -> list[dict]:
-    cfg = model_config(args.small)
+    cfg = model_config(args.small, shape=args.shape)
     fasts = {"fused": fast_config("mode", args, overrides), "stacked": fast_config("mode_stacked", args, overrides)}
     ref_fn = ref_block_fn(cfg)
     fast_fns = {k: fast_block_fn(cfg, f) for k, f in fasts.items()}
@@ -437,10 +445,11 @@ def peer_rows(path: str | None, cfg, args, peak) -> list[dict]:
     rows = []
     for mode in ("full", "lora"):
         rec = found.get(mode)
-        measured = rec is not None and rec.get("batch") == args.batch and rec.get("seq") == args.seq
-        tps = rec["tokens_per_s"] if measured else PEER_REFERENCE[mode]
-        if not measured and args.small:
+        measured = (rec is not None and rec.get("batch") == args.batch and rec.get("seq") == args.seq
+                    and rec.get("shape", "135m") == args.shape)
+        if not measured and (args.small or args.shape != "135m"):
             continue
+        tps = rec["tokens_per_s"] if measured else PEER_REFERENCE[mode]
         flops = flops_per_token(mode, cfg, args.seq)
         rows.append({"run": f"peer {'full FT' if mode == 'full' else 'LoRA r16 attn'} (compiled)"
                             + ("" if measured else " [ref. 2026-11-24]"),
@@ -485,18 +494,20 @@ def print_table(rows, peak):
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
+    global MODE
     if args.small:
-        global MODE
         MODE = dataclasses.replace(MODE, expert_layers=1)
+    else:
+        MODE = dataclasses.replace(MODE, n_blocks=SHAPES[args.shape]["mode_blocks"])
     parts = [p for p in args.parts.split(",") if p]
     unknown = set(parts) - {"full", "lora", "mode", "mode_stacked", "block"}
     if unknown:
         raise SystemExit(f"unknown parts {sorted(unknown)}")
     dev = jax.devices()[0]
     peak = args.peak_tflops or measure_peak_tflops(args.small)
-    cfg = model_config(args.small)
+    cfg = model_config(args.small, shape=args.shape)
     print(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}; batch {args.batch} x "
-          f"{args.seq}; model {'tiny' if args.small else 'SmolLM2-135M shape'} ({cfg.n_layers} layers, "
+          f"{args.seq}; model {'tiny' if args.small else 'SmolLM2-' + args.shape + ' shape'} ({cfg.n_layers} layers, "
           f"D {cfg.d_model}); peak {peak:.4g} TFLOP/s ({'given' if args.peak_tflops else 'measured bf16 matmul'})",
           flush=True)
     rows, failures = [], []

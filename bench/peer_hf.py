@@ -22,6 +22,10 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shapes import SHAPES, hf_kwargs  # noqa: E402  (a sibling file; bench/ is not a package)
 
 
 def parse_args(argv=None):
@@ -34,20 +38,19 @@ def parse_args(argv=None):
     p.add_argument("--eager", action="store_true", help="also time each mode without torch.compile")
     p.add_argument("--out", default=None, help="also write the JSON lines to this file")
     p.add_argument("--small", action="store_true", help="tiny model on CPU: checks the script runs")
+    p.add_argument("--shape", default="135m", choices=list(SHAPES), help="model shape (bench/shapes.py)")
     return p.parse_args(argv)
 
 
-def build_model(mode: str, small: bool, device):
+def build_model(mode: str, small: bool, device, shape_name: str = "135m"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                 num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    shape = hf_kwargs(shape_name)
     if small:
         shape = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    cfg = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-                      tie_word_embeddings=True)
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=100000.0)
+    cfg = LlamaConfig(**shape, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
@@ -61,7 +64,9 @@ def build_model(mode: str, small: bool, device):
 def time_mode(mode: str, compiled: bool, args, device) -> dict:
     import torch
 
-    model, vocab = build_model(mode, args.small, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model, vocab = build_model(mode, args.small, device, args.shape)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
@@ -88,12 +93,18 @@ def time_mode(mode: str, compiled: bool, args, device) -> dict:
         sync()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return {"peer": "transformers", "mode": mode, "compile": compiled, "batch": args.batch, "seq": args.seq,
+    return {"peer": "transformers", "mode": mode, "compile": compiled, "shape": args.shape,
+            "batch": args.batch, "seq": args.seq, "peak_mem_gb": _peak_mem_gb(device),
             "step_ms": 1e3 * seconds, "tokens_per_s": args.batch * args.seq / seconds,
             "compile_s": warmup_s - args.warmup * seconds, "loss": float(loss.detach().float()),
             "trainable_params": sum(p.numel() for p in trainable),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             **{name: _version(name) for name in ("torch", "transformers", "peft")}}
+
+
+def _peak_mem_gb(device) -> float | None:
+    import torch
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
 def _version(name: str) -> str | None:
