@@ -1,6 +1,10 @@
-"""The backbone's tokenizer, rebuilt from a GGUF file's metadata with `tokenizers`.
+"""The backbone's tokenizer, rebuilt from a GGUF file's metadata or read from a Hugging Face
+`tokenizer.json`, both with `tokenizers`.
 
     tok = load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = load_hf_tokenizer("path/to/hf_model_dir")     # tokenizer.json (+ its EOS from the configs)
+    tok = model_tokenizer(path)                         # either, by what `path` is
+    vocab_hash(tok)                                     # what a data manifest and an expert record
     ids = tok.encode("Solve 3*x + 5 = 11 for x.")      # no BOS/EOS added
     text = tok.decode(ids)
     tok.bos_id, tok.eos_id, tok.vocab_size
@@ -22,6 +26,10 @@ and uses the GPT-2 regex alone, which differs where a run of whitespace comes
 before a digit ("x =  42": `ĠĠ 4 2` here and in training, `Ġ Ġ 4 2` there);
 `pre_tokenizer="gpt2"` reproduces that behaviour for comparisons.
 
+A tokenizer's identity is `vocab_hash`: a sha256 over its (id, token) pairs. Two tokenizers
+with the same hash give ids the same meaning, whichever file they came from (SmolLM2's GGUF
+and its tokenizer.json agree), so built data is checked against a model by this hash.
+
 SmolLM2's vocabulary lacks 21 of the 256 byte symbols (e.g. 0x04, 0xf1); like
 every other implementation of it, encoding drops such bytes silently, so text
 containing them does not round-trip.
@@ -29,7 +37,11 @@ containing them does not round-trip.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mode_jax.gguf_loader import ModelFileError, gguf_field, open_gguf
@@ -77,6 +89,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens included, exactly as encoded."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def vocab(self) -> dict[str, int]:
+        """token spelling -> id, added and special tokens included."""
+        return self.backend.get_vocab(with_added_tokens=True)
 
     def token(self, token_id: int) -> str | None:
         """The vocabulary entry (in byte-alphabet spelling) of one id."""
@@ -185,3 +201,103 @@ def bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + shifted)
             shifted += 1
     return mapping
+
+
+# ----------------------------------------------------------------------------- identity
+
+def vocab_hash(tokenizer) -> str:
+    """sha256 hex of the tokenizer's vocabulary as JSON `[[id, token], ...]` in id order.
+
+    Anything with `vocab() -> {token: id}` works (Tokenizer, data.pack.ByteTokenizer)."""
+    pairs = sorted((int(i), str(t)) for t, i in tokenizer.vocab().items())
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a Hugging Face model directory (its `tokenizer.json`), or of a lone
+    `tokenizer.json` file whose directory holds the configs naming the EOS token.
+
+    The EOS id comes from tokenizer_config.json's `eos_token`, else config.json's or
+    generation_config.json's `eos_token_id` (the first, when a list). A directory's
+    config.json `vocab_size` must hold every id of the tokenizer (else the model's
+    embedding has no row for some tokens)."""
+    from tokenizers import Tokenizer as Backend
+
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    folder = file.parent
+    if not file.is_file():
+        raise ModelFileError(f"{folder} has no tokenizer.json (a Hugging Face model directory needs "
+                             "config.json, *.safetensors and tokenizer.json)")
+    try:
+        backend = Backend.from_file(str(file))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises its own Exception type for bad files
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelFileError(f"{file} is not a readable tokenizer.json ({first})") from None
+    configs = {name: _json_or_empty(folder / name)
+               for name in ("tokenizer_config.json", "config.json", "generation_config.json")}
+    eos_id = _hf_eos_id(backend, configs, file)
+    bos = configs["tokenizer_config.json"].get("bos_token")
+    bos_id = backend.token_to_id(bos.get("content") if isinstance(bos, dict) else bos) if bos else None
+    if bos_id is None:
+        bos_id = _first_id(configs["config.json"].get("bos_token_id"))
+    tok = Tokenizer(backend, bos_id=eos_id if bos_id is None else bos_id, eos_id=eos_id,
+                    pre_tokenizer="tokenizer.json")
+    ids = tok.vocab().values()
+    model_vocab = configs["config.json"].get("vocab_size")
+    if isinstance(model_vocab, int) and ids and max(ids) >= model_vocab:
+        raise ModelFileError(f"{file} has token ids up to {max(ids)}, but config.json's vocab_size is "
+                             f"{model_vocab}: the tokenizer's vocabulary does not fit the model's embedding")
+    return tok
+
+
+def _json_or_empty(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{path} is not valid JSON ({err})") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _first_id(value):
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _hf_eos_id(backend, configs: dict, file: Path) -> int:
+    eos = configs["tokenizer_config.json"].get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if isinstance(eos, str):
+        eos_id = backend.token_to_id(eos)
+        if eos_id is None:
+            raise ModelFileError(f"tokenizer_config.json names eos_token {eos!r}, which {file} does not have")
+        return eos_id
+    for name in ("config.json", "generation_config.json"):
+        eos_id = _first_id(configs[name].get("eos_token_id"))
+        if eos_id is not None:
+            return eos_id
+    raise ModelFileError(f"no EOS token for {file}: none of tokenizer_config.json (eos_token), config.json or "
+                         "generation_config.json (eos_token_id) beside it names one")
+
+
+@functools.lru_cache(maxsize=4)
+def _model_tokenizer_cached(path: str, mtime_ns: int) -> Tokenizer:
+    p = Path(path)
+    if p.is_dir() or p.name.endswith(".json"):
+        return load_hf_tokenizer(p)
+    return load_tokenizer(p)
+
+
+def model_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a model file or directory: a .gguf file (its metadata), a Hugging Face
+    directory or a tokenizer.json file. Cached per path and modification time."""
+    p = Path(path).resolve()
+    if not p.exists():
+        raise ModelFileError(f"{path} does not exist")
+    return _model_tokenizer_cached(str(p), p.stat().st_mtime_ns)

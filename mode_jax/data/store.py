@@ -1,7 +1,12 @@
 """The data directory: one .npy token file per domain and split, and a manifest that vouches for them.
 
     <data_dir>/manifest.json
-    <data_dir>/<domain>/<split>.npy      1-D uint16 token stream (see pack.py)
+    <data_dir>/<domain>/<split>.npy      1-D uint16 or uint32 token stream (see pack.py)
+
+The manifest's "dtype" says which (uint32 when the vocabulary exceeds 65,536 ids) and
+its "tokenizer" section names the tokenizer and its `vocab_hash`, which every command
+checks against the model's. Manifests written before those fields existed load as
+uint16 data tokenized by SmolLM2-135M (`LEGACY_TOKENIZER_HASH`).
 
 Every file is written under a temporary name and renamed into place
 (`mode_jax.atomic`), and the manifest, which holds each file's size, sha256 and
@@ -20,13 +25,19 @@ from typing import Any, Mapping
 import numpy as np
 
 from mode_jax.atomic import atomic_path, write_text_atomic
-from mode_jax.data.pack import TOKEN_DTYPE
+from mode_jax.data.pack import STORE_DTYPES, TOKEN_DTYPE
 from mode_jax.errors import UserError
 from mode_jax.fetch import default_cache_dir, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "mode-jax-data/1"
 BUILD_HINT = "mode-jax data build"
+# vocab_hash of SmolLM2-135M-Instruct's tokenizer (its GGUF, pinned in mode_jax.fetch): the
+# tokenizer of every manifest that predates the "hash" field (tests/test_own_domains.py
+# recomputes it from the fetched GGUF).
+LEGACY_TOKENIZER_HASH = "cacfb388aaf43ea87273192c89695af361ae0821bb832a6ef7a164045837df3e"
+# ... and of the byte test tokenizer (data.pack.ByteTokenizer), for old "kind": "bytes" manifests.
+LEGACY_BYTES_HASH = "7b4df67a7e1911a3ed760c4970a959fd20725e8977766ac4189a0b9a7f029136"
 
 
 class DataError(UserError, ValueError):
@@ -42,9 +53,10 @@ def split_path(data_dir: str | os.PathLike, domain: str, split: str) -> Path:
     return Path(data_dir) / domain / f"{split}.npy"
 
 
-def write_tokens(data_dir: str | os.PathLike, domain: str, split: str, tokens: np.ndarray) -> dict[str, Any]:
-    """Write one split's tokens atomically; returns its manifest entry."""
-    tokens = np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)
+def write_tokens(data_dir: str | os.PathLike, domain: str, split: str, tokens: np.ndarray,
+                 dtype=TOKEN_DTYPE) -> dict[str, Any]:
+    """Write one split's tokens (as `dtype`) atomically; returns its manifest entry."""
+    tokens = np.ascontiguousarray(tokens, dtype=dtype)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
     path = split_path(data_dir, domain, split)
@@ -72,7 +84,27 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise DataError(f"{path} is not valid JSON ({err}): rerun `{BUILD_HINT} --out {data_dir}`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path} is not a {FORMAT} manifest: rerun `{BUILD_HINT} --out {data_dir}`")
+    if manifest.get("dtype", "uint16") not in STORE_DTYPES:
+        raise DataError(f"{path} names token dtype {manifest.get('dtype')!r}, not one of {', '.join(STORE_DTYPES)}")
     return manifest
+
+
+def manifest_dtype(manifest: Mapping[str, Any]) -> np.dtype:
+    """The token files' dtype (uint16 for manifests that predate the field)."""
+    return np.dtype(manifest.get("dtype", "uint16"))
+
+
+def tokenizer_hash(manifest: Mapping[str, Any]) -> str:
+    """The vocab_hash of the tokenizer the data was built with (see LEGACY_TOKENIZER_HASH)."""
+    tok = manifest.get("tokenizer", {})
+    if tok.get("hash"):
+        return tok["hash"]
+    return LEGACY_BYTES_HASH if tok.get("kind") == "bytes" else LEGACY_TOKENIZER_HASH
+
+
+def domain_names(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """The domains the data holds, in the manifest's (sorted) order."""
+    return tuple(manifest.get("domains", {}))
 
 
 def split_entry(manifest: Mapping[str, Any], data_dir, domain: str, split: str) -> dict[str, Any]:
@@ -106,7 +138,7 @@ def verify_file(data_dir, entry: Mapping[str, Any], *, check_hash: bool = True) 
 
 
 def load_split(data_dir: str | os.PathLike, domain: str, split: str, *, verify: bool = True) -> np.ndarray:
-    """The token stream of one domain's split: read-only memory-mapped 1-D uint16 array.
+    """The token stream of one domain's split: read-only memory-mapped 1-D uint16/uint32 array.
 
     With `verify` (the default) the file's sha256 is checked against the manifest
     (about 0.1 s per 10M tokens); size and shape are always checked."""
@@ -117,9 +149,10 @@ def load_split(data_dir: str | os.PathLike, domain: str, split: str, *, verify: 
         tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as err:
         raise DataError(f"{path} is not a readable .npy file ({err}): rerun `{BUILD_HINT} --out {data_dir}`") from None
-    if tokens.dtype != TOKEN_DTYPE or tokens.ndim != 1 or tokens.shape[0] != entry["tokens"]:
+    dtype = manifest_dtype(manifest)
+    if tokens.dtype != dtype or tokens.ndim != 1 or tokens.shape[0] != entry["tokens"]:
         raise DataError(f"{path} holds {tokens.dtype}{list(tokens.shape)}, the manifest says "
-                        f"uint16[{entry['tokens']}]: rerun `{BUILD_HINT} --out {data_dir}`")
+                        f"{dtype.name}[{entry['tokens']}]: rerun `{BUILD_HINT} --out {data_dir}`")
     return tokens
 
 
