@@ -22,9 +22,42 @@ def _positive_int(obj, *names: str) -> None:
                  f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
 
 
+ROPE_TYPES = ("llama3",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's RoPE frequency scaling (config.json's `rope_scaling` with rope_type 'llama3').
+
+    Frequencies whose wavelength is shorter than original_max_position_embeddings /
+    high_freq_factor are kept, longer than original / low_freq_factor are divided by
+    `factor`, and those in between are interpolated smoothly (`ref.llama.rope_frequencies`)."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        _require(self.rope_type in ROPE_TYPES,
+                 f"RopeScaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        _positive_int(self, "original_max_position_embeddings")
+        _require(self.factor > 0, f"RopeScaling.factor must be > 0, got {self.factor!r}")
+        _require(0 < self.low_freq_factor < self.high_freq_factor,
+                 f"RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
+                 f"{self.low_freq_factor!r}, {self.high_freq_factor!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Shape of a Llama-family decoder (pre-norm, RoPE, GQA, SwiGLU)."""
+    """Shape of a Llama-family decoder (pre-norm, RoPE, GQA, SwiGLU).
+
+    Covers Llama 1-3 and Qwen2: `qkv_bias` adds Qwen2's q/k/v projection biases;
+    `rope_scaling` is Llama 3's frequency scaling as config.json states it;
+    `rope_freq_factors` is the same thing as a GGUF file stores it (llama.cpp's
+    `rope_freqs` tensor: one divisor per frequency, exactly what the file holds).
+    The defaults are plain Llama (SmolLM2)."""
 
     vocab_size: int = 49152
     d_model: int = 576          # D
@@ -37,10 +70,35 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # LM head = embedding matrix transposed
     max_seq_len: int = 8192
+    qkv_bias: bool = False       # Qwen2: q, k, v projections have biases (o and the MLP do not)
+    rope_scaling: RopeScaling | None = None
+    rope_freq_factors: tuple[float, ...] | None = None   # [H/2] divisors of the frequencies
 
     def __post_init__(self):
+        # Accept the JSON forms (dataclasses.asdict of a saved config) and keep the fields
+        # hashable: a dict becomes a RopeScaling, a list a tuple of floats.
+        if isinstance(self.rope_scaling, dict):
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            except TypeError as err:
+                raise ValueError(f"LlamaConfig.rope_scaling: {err}") from None
+        if self.rope_freq_factors is not None:
+            object.__setattr__(self, "rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
         _positive_int(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                       "head_dim", "d_ff", "max_seq_len")
+        _require(isinstance(self.qkv_bias, bool), f"LlamaConfig.qkv_bias must be a bool, got {self.qkv_bias!r}")
+        _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
+                 f"LlamaConfig.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
+        _require(self.head_dim % 2 == 0, f"LlamaConfig.head_dim must be even (RoPE rotates pairs), "
+                                         f"got {self.head_dim}")
+        if self.rope_freq_factors is not None:
+            _require(self.rope_scaling is None,
+                     "LlamaConfig.rope_scaling and rope_freq_factors are two forms of one thing: give one")
+            _require(len(self.rope_freq_factors) == self.head_dim // 2,
+                     f"LlamaConfig.rope_freq_factors has {len(self.rope_freq_factors)} entries, "
+                     f"head_dim={self.head_dim} needs {self.head_dim // 2}")
+            _require(all(f > 0 for f in self.rope_freq_factors),
+                     "LlamaConfig.rope_freq_factors must all be > 0")
         _require(self.n_heads % self.n_kv_heads == 0,
                  f"LlamaConfig.n_heads={self.n_heads} must be a multiple of "
                  f"n_kv_heads={self.n_kv_heads}")

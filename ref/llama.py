@@ -3,14 +3,17 @@
 Pre-norm residual layers (RMSNorm -> grouped-query causal attention with rotary
 embeddings -> RMSNorm -> SwiGLU MLP), a final RMSNorm and a tied or untied LM
 head. Rotary embeddings use the "rotate half" layout of Hugging Face's Llama
-(loaders convert llama.cpp's interleaved q/k rows to it).
+(loaders convert llama.cpp's interleaved q/k rows to it), with Llama 3's
+frequency scaling when the config asks for it. Qwen2 is the same network with
+biases on the q, k and v projections (`LlamaConfig.qkv_bias`).
 
 Params are nested dicts; matrices are stored [in, out] so `x @ w` applies them:
 
     {"embed": [V, D], "final_norm": [D], "lm_head": [D, V] (untied only),
      "layers": [{"attn_norm": [D], "wq": [D, N*H], "wk": [D, K*H], "wv": [D, K*H],
                  "wo": [N*H, D], "mlp_norm": [D], "w_gate": [D, F], "w_up": [D, F],
-                 "w_down": [F, D]}, ... L of them]}
+                 "w_down": [F, D],
+                 "bq": [N*H], "bk": [K*H], "bv": [K*H] (qkv_bias only)}, ... L of them]}
 """
 
 from __future__ import annotations
@@ -22,13 +25,22 @@ import numpy as np
 from mode_jax.ref.config import LlamaConfig
 
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+BIAS_KEYS = {"wq": "bq", "wk": "bk", "wv": "bv"}     # projection -> its bias (qkv_bias models)
+
+
+def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
+    """The keys of one layer's dict for `cfg` (LAYER_KEYS, plus the biases with qkv_bias)."""
+    return LAYER_KEYS + (tuple(BIAS_KEYS.values()) if cfg.qkv_bias else ())
 
 
 def layer_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     d, f = cfg.d_model, cfg.d_ff
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return {"attn_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d),
-            "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+    shapes = {"attn_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d),
+              "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+    if cfg.qkv_bias:
+        shapes.update(bq=(q,), bk=(kv,), bv=(kv,))
+    return shapes
 
 
 def param_shapes(cfg: LlamaConfig) -> dict:
@@ -60,10 +72,11 @@ def check_params(params: dict, cfg: LlamaConfig) -> None:
 
 
 def init_layer(key: jax.Array, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
-    """One transformer layer: N(0, 0.02) matrices, output projections scaled down
-    by sqrt(2 L) so the residual stream's variance stays O(1) at init; unit norms."""
+    """One transformer layer: N(0, 0.02) matrices (and q/k/v biases), output projections
+    scaled down by sqrt(2 L) so the residual stream's variance stays O(1) at init; unit norms."""
     shapes = layer_shapes(cfg)
-    keys = dict(zip(LAYER_KEYS, jax.random.split(key, len(LAYER_KEYS))))
+    names = layer_keys(cfg)
+    keys = dict(zip(names, jax.random.split(key, len(names))))
     out_scale = 1.0 / np.sqrt(2.0 * cfg.n_layers)
     layer = {}
     for name, shape in shapes.items():
@@ -99,9 +112,42 @@ def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float) -> jax.Array:
     return (normed * upcast(scale)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, *, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [T, H] for the rotate-half layout (frequency i on dims i and i + H/2)."""
+def rope_freq_factors(cfg: LlamaConfig) -> tuple[float, ...] | None:
+    """What each RoPE frequency is divided by, [H/2] (None: plain RoPE).
+
+    A GGUF file states these divisors itself (`cfg.rope_freq_factors`, llama.cpp's
+    `rope_freqs` tensor); config.json states Llama 3's rule (`cfg.rope_scaling`), which is
+    worked out here in float64 the way llama.cpp's converter does: a frequency whose
+    wavelength 2 pi / f is shorter than original / high_freq_factor is kept (divisor 1),
+    one longer than original / low_freq_factor is divided by `factor`, and in between
+    f becomes (1 - s) f / factor + s f with s = (original / wavelength - low) / (high - low)."""
+    if cfg.rope_freq_factors is not None:
+        return cfg.rope_freq_factors
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return None
+    old = scaling.original_max_position_embeddings
+    low, high, factor = scaling.low_freq_factor, scaling.high_freq_factor, scaling.factor
+    out = []
+    for i in range(0, cfg.head_dim, 2):
+        wavelength = 2 * np.pi * cfg.rope_theta ** (i / cfg.head_dim)
+        if wavelength < old / high:
+            out.append(1.0)
+        elif wavelength > old / low:
+            out.append(float(factor))
+        else:
+            smooth = (old / wavelength - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return tuple(out)
+
+
+def rope_tables(positions: jax.Array, *, head_dim: int, theta: float,
+                freq_factors: tuple[float, ...] | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [T, H] for the rotate-half layout (frequency i on dims i and i + H/2),
+    frequency i divided by freq_factors[i] when given (`rope_freq_factors`)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2) / head_dim))  # [H/2], float32 (or 64 under x64)
+    if freq_factors is not None:
+        inv_freq = inv_freq / jnp.asarray(freq_factors, inv_freq.dtype)
     angles = positions[:, None] * inv_freq[None, :]                      # [T, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)                                    # [T, H]
     return jnp.cos(angles), jnp.sin(angles)
@@ -115,14 +161,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def project(layer: dict, x: jax.Array, name: str) -> jax.Array:
+    """x @ layer[name], plus its bias where the layer has one (Qwen2's q, k, v)."""
+    y = x @ layer[name]
+    bias = BIAS_KEYS.get(name)
+    return y + layer[bias] if bias in layer else y
+
+
 def attention_qkv(layer: dict, x: jax.Array, positions: jax.Array, *, n_heads: int, n_kv_heads: int,
-                  head_dim: int, rope_theta: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  head_dim: int, rope_theta: float, rope_freq_factors: tuple[float, ...] | None = None,
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q [B, T, N, H] and k, v [B, T, K, H] of x [B, T, D]; q and k rotated for `positions` [T]."""
     b, t, _ = x.shape
-    q = (x @ layer["wq"]).reshape(b, t, n_heads, head_dim)        # [B, T, N, H]
-    k = (x @ layer["wk"]).reshape(b, t, n_kv_heads, head_dim)     # [B, S, K, H]
-    v = (x @ layer["wv"]).reshape(b, t, n_kv_heads, head_dim)     # [B, S, K, H]
-    cos, sin = rope_tables(positions, head_dim=head_dim, theta=rope_theta)
+    q = project(layer, x, "wq").reshape(b, t, n_heads, head_dim)        # [B, T, N, H]
+    k = project(layer, x, "wk").reshape(b, t, n_kv_heads, head_dim)     # [B, S, K, H]
+    v = project(layer, x, "wv").reshape(b, t, n_kv_heads, head_dim)     # [B, S, K, H]
+    cos, sin = rope_tables(positions, head_dim=head_dim, theta=rope_theta, freq_factors=rope_freq_factors)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -143,11 +197,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 
 def attention(layer: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int, head_dim: int,
-              rope_theta: float) -> jax.Array:
+              rope_theta: float, rope_freq_factors: tuple[float, ...] | None = None) -> jax.Array:
     """Grouped-query causal self-attention of x [B, T, D] -> [B, T, D] (no norm, no residual)."""
     t = x.shape[1]
     q, k, v = attention_qkv(layer, x, jnp.arange(t), n_heads=n_heads, n_kv_heads=n_kv_heads,
-                            head_dim=head_dim, rope_theta=rope_theta)
+                            head_dim=head_dim, rope_theta=rope_theta, rope_freq_factors=rope_freq_factors)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     return attend(q, k, v, causal) @ layer["wo"]
 
@@ -161,7 +215,8 @@ def layer_forward(layer: dict, x: jax.Array, cfg: LlamaConfig) -> jax.Array:
     """One pre-norm residual layer, x [B, T, D] -> [B, T, D]."""
     h = x + attention(layer, rms_norm(x, layer["attn_norm"], eps=cfg.norm_eps),
                       n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                      head_dim=cfg.head_dim, rope_theta=cfg.rope_theta)
+                      head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+                      rope_freq_factors=rope_freq_factors(cfg))
     return h + mlp(layer, rms_norm(h, layer["mlp_norm"], eps=cfg.norm_eps))
 
 

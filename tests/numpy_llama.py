@@ -12,12 +12,34 @@ def rms_norm(x, w, eps):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def rotate(v, pos, theta):
-    """Rotate vector v [H] at position pos: pair (i, i + H/2) by angle pos * theta^(-2i/H)."""
+def frequencies(cfg):
+    """Angle per position of each pair, [H/2]: theta^(-2i/H), with Llama 3's rule applied as
+    Hugging Face's `_compute_llama3_parameters` states it (on the frequencies, not divisors)."""
+    h = cfg.head_dim
+    freq = np.array([cfg.rope_theta ** (-2.0 * i / h) for i in range(h // 2)])
+    if getattr(cfg, "rope_freq_factors", None) is not None:
+        return freq / np.asarray(cfg.rope_freq_factors, np.float64)
+    sc = getattr(cfg, "rope_scaling", None)
+    if sc is None:
+        return freq
+    wavelen = 2 * np.pi / freq
+    low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
+    high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
+    scaled = np.where(wavelen > low_wavelen, freq / sc.factor, freq)
+    smooth = ((sc.original_max_position_embeddings / wavelen - sc.low_freq_factor)
+              / (sc.high_freq_factor - sc.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled)
+
+
+def rotate(v, pos, theta, freqs=None):
+    """Rotate vector v [H] at position pos: pair (i, i + H/2) by angle pos * theta^(-2i/H)
+    (or pos * freqs[i])."""
     h = v.shape[0]
     out = v.copy()
     for i in range(h // 2):
-        ang = pos * theta ** (-2.0 * i / h)
+        ang = pos * (theta ** (-2.0 * i / h) if freqs is None else freqs[i])
         a, b = v[i], v[i + h // 2]
         out[i] = a * np.cos(ang) - b * np.sin(ang)
         out[i + h // 2] = b * np.cos(ang) + a * np.sin(ang)
@@ -27,14 +49,15 @@ def rotate(v, pos, theta):
 def attention(x, layer, cfg):
     t = x.shape[0]
     nh, kh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q = (x @ layer["wq"]).reshape(t, nh, hd)
-    k = (x @ layer["wk"]).reshape(t, kh, hd)
-    v = (x @ layer["wv"]).reshape(t, kh, hd)
+    q = (x @ layer["wq"] + layer.get("bq", 0.0)).reshape(t, nh, hd)
+    k = (x @ layer["wk"] + layer.get("bk", 0.0)).reshape(t, kh, hd)
+    v = (x @ layer["wv"] + layer.get("bv", 0.0)).reshape(t, kh, hd)
+    freqs = frequencies(cfg)
     out = np.zeros((t, nh, hd))
     for n in range(nh):
         kv = n // (nh // kh)
-        qs = np.stack([rotate(q[i, n], i, cfg.rope_theta) for i in range(t)])
-        ks = np.stack([rotate(k[j, kv], j, cfg.rope_theta) for j in range(t)])
+        qs = np.stack([rotate(q[i, n], i, cfg.rope_theta, freqs) for i in range(t)])
+        ks = np.stack([rotate(k[j, kv], j, cfg.rope_theta, freqs) for j in range(t)])
         for i in range(t):
             s = qs[i] @ ks[: i + 1].T / np.sqrt(hd)
             p = np.exp(s - s.max())

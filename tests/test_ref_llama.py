@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, strategies as st
 from jax.test_util import check_grads
 
-from mode_jax.ref.config import LlamaConfig
+from mode_jax.ref.config import LlamaConfig, RopeScaling
 from mode_jax.ref.llama import (apply_rope, check_params, init_llama, llama_forward, rms_norm,
-                                rope_tables)
+                                rope_freq_factors, rope_tables)
 from tests import numpy_llama
 from tests.tolerances import assert_close
 
@@ -117,3 +117,100 @@ def test_check_params_names_the_wrong_entry():
         check_params({**params, "layers": params["layers"][:3]}, cfg)
     with pytest.raises(ValueError, match=r"\['final_norm'\] is missing"):
         check_params({k: v for k, v in params.items() if k != "final_norm"}, cfg)
+
+
+# --- other backbones: Llama 3's RoPE scaling, Qwen2's q/k/v biases -------------------------
+
+# head_dim 8, theta 10000: wavelengths 2 pi * [1, 10, 100, 1000] = [6.3, 63, 628, 6283];
+# with original 64, low 1, high 4 the first is kept (< 16), the second interpolated
+# (16..64) and the last two divided by the factor (> 64): every branch of the rule.
+LLAMA3 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=64)
+VARIANTS = {"llama3": dict(rope_scaling=LLAMA3), "qwen2": dict(qkv_bias=True, rope_theta=1e6),
+            "both": dict(qkv_bias=True, rope_scaling=LLAMA3)}
+
+
+def test_llama3_frequency_divisors_by_hand():
+    # head_dim 4, theta 100: frequencies 1 and 0.1, wavelengths 2 pi and 20 pi = 62.83.
+    # original 100, low 1, high 4: 2 pi < 25 keeps divisor 1; 62.83 lies in [25, 100]:
+    # s = (100 / 62.83 - 1) / 3 = 0.19718, divisor 1 / ((1 - s) / 8 + s) = 1 / 0.29753 = 3.3610.
+    cfg = LlamaConfig.tiny(head_dim=4, rope_theta=100.0, rope_scaling=RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=100))
+    assert_close(np.array(rope_freq_factors(cfg)), [1.0, 3.3610], scale=10)
+    assert rope_freq_factors(LlamaConfig.tiny()) is None
+    # A GGUF's own table is used as it is.
+    assert rope_freq_factors(LlamaConfig.tiny(head_dim=4, rope_freq_factors=[1.0, 2.5])) == (1.0, 2.5)
+    cos, sin = rope_tables(jnp.arange(3), head_dim=4, theta=100.0, freq_factors=(1.0, 2.5))
+    assert_close(cos[2], np.cos([2.0, 2 * 0.1 / 2.5, 2.0, 2 * 0.1 / 2.5]))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_other_backbones_match_independent_numpy(variant):
+    """The reference against numpy_llama, which applies Llama 3's rule to the frequencies the
+    way Hugging Face writes it (not as divisors) and adds the biases itself."""
+    cfg = LlamaConfig.tiny(n_layers=2, **VARIANTS[variant])
+    # Weights 5x init's, so attention is far from uniform and RoPE and the biases matter.
+    params = jax.tree.map(lambda a: 5.0 * a, init_llama(jax.random.key(4), cfg))
+    if cfg.qkv_bias:
+        assert params["layers"][0]["bq"].shape == (cfg.n_heads * cfg.head_dim,)
+        # Biases of the size Qwen2 has (a few units), so they move the attention visibly.
+        params["layers"] = [{**l, **{b: 2.0 * jax.random.normal(jax.random.key(i), l[b].shape)
+                                     for i, b in enumerate(("bq", "bk", "bv"))}} for l in params["layers"]]
+    tokens = jax.random.randint(jax.random.key(5), (2, 24), 0, cfg.vocab_size)
+    logits = llama_forward(params, tokens, cfg)
+    npp = numpy_llama.to_numpy(params)
+    for b in range(2):
+        assert_close(logits[b], numpy_llama.llama_logits(npp, np.asarray(tokens[b]), cfg), scale=5)
+    # The variant changes the function: without it the logits differ.
+    plain = LlamaConfig.tiny(n_layers=2, rope_theta=cfg.rope_theta)
+    stripped = {**params, "layers": [{k: v for k, v in l.items() if k in ("attn_norm", "wq", "wk", "wv", "wo",
+                                      "mlp_norm", "w_gate", "w_up", "w_down")} for l in params["layers"]]}
+    assert np.abs(np.asarray(llama_forward(stripped, tokens, plain) - logits)).max() > 0.1
+
+
+def test_divisor_table_and_rule_give_the_same_model():
+    """A GGUF's rope_freqs table (the divisors) and config.json's Llama 3 rule are one function."""
+    rule = LlamaConfig.tiny(n_layers=1, rope_scaling=LLAMA3)
+    table = LlamaConfig.tiny(n_layers=1, rope_freq_factors=rope_freq_factors(rule))
+    params = jax.tree.map(lambda a: 5.0 * a, init_llama(jax.random.key(0), rule))
+    tokens = jax.random.randint(jax.random.key(1), (1, 40), 0, rule.vocab_size)
+    want = llama_forward(params, tokens, rule)
+    assert_close(llama_forward(params, tokens, table), want)
+    assert np.abs(np.asarray(llama_forward(params, tokens, LlamaConfig.tiny(n_layers=1)) - want)).max() > 0.1
+
+
+def test_check_grads_qwen2_llama3():
+    cfg = LlamaConfig.tiny(n_layers=1, vocab_size=11, d_model=8, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=12,
+                           qkv_bias=True, rope_scaling=RopeScaling(original_max_position_embeddings=40))
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), init_llama(jax.random.key(0), cfg))
+        params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), params)
+        f = lambda p: jnp.sum(jnp.sin(llama_forward(p, jnp.array([[1, 5, 3, 7]]), cfg)))
+        check_grads(f, (params,), order=1, modes=("rev",), eps=1e-6)
+
+
+def test_new_config_fields_round_trip_through_json_and_hash():
+    import dataclasses
+    import json
+    cfg = LlamaConfig.tiny(qkv_bias=True, rope_scaling=LLAMA3)
+    again = LlamaConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+    assert again == cfg and hash(again) == hash(cfg)
+    table = LlamaConfig.tiny(rope_freq_factors=[1.0, 2.0, 3.0, 4.0])
+    assert LlamaConfig(**json.loads(json.dumps(dataclasses.asdict(table)))) == table
+    assert hash(table) == hash(LlamaConfig.tiny(rope_freq_factors=(1.0, 2.0, 3.0, 4.0)))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rope_freq_factors=(1.0, 2.0)), "rope_freq_factors has 2 entries, head_dim=8 needs 4"),
+    (dict(rope_freq_factors=(1.0, 0.0, 1.0, 1.0)), "rope_freq_factors must all be > 0"),
+    (dict(rope_freq_factors=(1.0,) * 4, rope_scaling=LLAMA3), "give one"),
+    (dict(rope_scaling={"factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+     "low_freq_factor < high_freq_factor"),
+    (dict(rope_scaling={"rope_type": "yarn"}), "rope_type must be one of"),
+    (dict(rope_scaling={"bogus": 1}), "rope_scaling: .*bogus"),
+    (dict(qkv_bias=1), "qkv_bias must be a bool"),
+    (dict(head_dim=5), "head_dim must be even"),
+])
+def test_new_config_fields_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LlamaConfig.tiny(**kwargs)
