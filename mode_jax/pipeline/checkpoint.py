@@ -61,6 +61,11 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
 
 
+def step_of(path: str | Path) -> int:
+    """The step a checkpoint was written after, from its name."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def latest(directory: str | Path) -> Path | None:
     found = list_checkpoints(directory)
     return found[-1] if found else None

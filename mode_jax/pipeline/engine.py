@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mode_jax.pipeline import checkpoint
+from mode_jax.pipeline import checkpoint, finite
 from mode_jax.pipeline.runs import RunDir
 from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
 from mode_jax.ref.llama import lm_head
@@ -209,7 +209,24 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
     bar = tqdm(total=total_steps, initial=start, desc=phase, unit="step", disable=not progress,
                dynamic_ncols=True, leave=True, mininterval=_bar_interval())
 
+    watch = finite.Watch()
+
+    def stop(bad_step, what):
+        # Nothing of this phase is written past here: the last checkpoint on disk was
+        # checked finite before it was written, so it is the one --resume goes on from.
+        bar.close()
+        last_good = checkpoint.latest(run.checkpoints)
+        raise finite.NonFiniteTraining(finite.stop_message(
+            phase, bad_step, what, last_good=last_good, lr_key=finite.lr_key(method),
+            last_step=None if last_good is None else checkpoint.step_of(last_good)))
+
+    def check_state(done):
+        watch.check(stop)
+        if not finite.state_finite(trainable, opt_state):
+            stop(done, "parameters or optimizer state after the update")
+
     def save(step):
+        check_state(step)       # never a checkpoint of non-finite state
         checkpoint.save(run.checkpoints, step=step, trainable=trainable, opt_state=opt_state,
                         meta={"phase": phase, "tokens_seen": tokens_seen, "data_position": step,
                               "seed": seed, "prng_key": [int(x) for x in np.asarray(
@@ -226,8 +243,11 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
         trainable, opt_state, m = steps.train_step(trainable, frozen_compute, opt_state, batch)
         done = step + 1
         tokens_seen += int(np.prod(batch["tokens"][:, 1:].shape))
+        watch.add(done, m)
         if done % log_every == 0 or done == total_steps:
-            # Only here does the host wait for the device, so steps in between queue up.
+            # Only here does the host wait for the device, so steps in between queue up;
+            # their losses and gradient norms are checked finite together, now.
+            watch.check(stop)
             loss = float(m["loss"])
             now = time.perf_counter()
             rate = (done - last_done) * int(np.prod(batch["tokens"][:, 1:].shape)) / max(now - last, 1e-9)
@@ -241,6 +261,7 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
             save(done)
         if throttle:
             time.sleep(throttle)
+    check_state(total_steps)    # the artifact is written from this state
     bar.close()
     trained = steps.from_backend(steps.join(trainable, frozen))
     return TrainOutcome(trained, True, total_steps, n_train, time.perf_counter() - began)

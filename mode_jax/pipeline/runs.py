@@ -27,6 +27,11 @@ from mode_jax.errors import UserError
 from mode_jax.pipeline import presets
 
 CONFIG, RUN, METRICS, RESULT = "config.toml", "run.json", "metrics.jsonl", "result.json"
+# Keys a resumed run may change: the optimizer's settings and how often to log and
+# checkpoint. The training state (weights, optimizer moments) has the same shape under
+# any of them; every other key would make the checkpoint another run's.
+RESUMABLE_CHANGES = ("lr.mode", "lr.full", "lr.lora", "train.warmup_steps", "train.min_lr_ratio",
+                     "train.weight_decay", "train.clip_norm", "train.checkpoint_every", "train.log_every")
 
 
 class RunDir:
@@ -43,10 +48,18 @@ class RunDir:
             if not (run.path / CONFIG).is_file():
                 raise UserError(f"--resume: {run.path} is not a run directory (no {CONFIG})")
             stored = presets.load_config(config=str(run.path / CONFIG))
-            diff = presets.first_difference(stored, cfg)
-            if diff:
+            changed = _changed_keys(stored, cfg)
+            fixed = [k for k in changed if k not in RESUMABLE_CHANGES]
+            if fixed:
                 raise UserError(f"--resume: the config differs from the one {run.path} was started with "
-                                f"({diff}); resume with the same config")
+                                f"({fixed[0]}: {changed[fixed[0]][0]!r} vs {changed[fixed[0]][1]!r}); resume with "
+                                f"the same config "
+                                f"(only {', '.join(RESUMABLE_CHANGES)} may change)")
+            if changed:
+                # E.g. a lower learning rate after a run stopped at a non-finite loss: the state
+                # in the checkpoint does not depend on these keys, the steps from now on do.
+                print(f"--resume: going on with changed {', '.join(changed)}", file=sys.stderr)
+                write_text_atomic(run.path / CONFIG, presets.to_toml(cfg))
             return run
         if run.path.exists() and not run.path.is_dir():
             raise UserError(f"run directory {run.path} exists and is not a directory: choose another --out")
@@ -104,6 +117,13 @@ class RunDir:
         checkpoint), so a resumed run's curve has each step exactly once."""
         kept = [m for m in self.metrics() if not (m.get("phase") == phase and m.get("step", -1) > step)]
         write_text_atomic(self.path / METRICS, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
+
+
+def _changed_keys(a: presets.PipelineConfig, b: presets.PipelineConfig) -> dict[str, tuple]:
+    """'section.key' -> (value in a, value in b) for every key that differs."""
+    da, db = a.to_dict(), b.to_dict()
+    return {f"{name}.{key}": (da[name][key], db[name][key]) for name in da for key in da[name]
+            if da[name][key] != db[name][key]}
 
 
 def software_versions() -> dict[str, str]:
