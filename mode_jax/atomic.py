@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+FILE_MODE = 0o644   # every file mode-jax writes: readable by all, writable by its owner
+
 
 @contextlib.contextmanager
 def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
@@ -29,11 +31,13 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the final file should read like any other
     try:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"nothing was written to the temporary file {tmp} for {final}")
+        # mkstemp makes the file owner-only (0600), and a writer may have replaced it with a
+        # file of its own (safetensors does): set the mode of an ordinary file on what is there.
+        os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)

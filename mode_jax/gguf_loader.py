@@ -32,6 +32,7 @@ import numpy as np
 
 from mode_jax.atomic import atomic_path
 from mode_jax.errors import UserError
+from mode_jax.integrity import check_finite
 from mode_jax.ref.config import LlamaConfig
 from mode_jax.ref.llama import check_params
 
@@ -239,9 +240,7 @@ def _dequantize(tensor) -> np.ndarray:
     else:
         out = gguf.quants.dequantize(tensor.data, kind)
     out = np.asarray(out, dtype=np.float32).reshape(_numpy_shape(tensor))
-    if not np.isfinite(out).all():
-        raise ModelFileError(f"tensor {tensor.name!r} ({kind.name}) holds NaN or infinite values: "
-                             "the file is corrupted")
+    check_finite(out, f"tensor {tensor.name!r} ({kind.name})", error=ModelFileError, why="the file is corrupted")
     return out
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from mode_jax.atomic import atomic_path, write_text_atomic
 from mode_jax.gguf_loader import ModelFileError
+from mode_jax.integrity import check_finite
 from mode_jax.ref.config import LlamaConfig
 from mode_jax.ref.llama import check_params
 
@@ -179,8 +180,7 @@ def read_hf_dir(path: str | os.PathLike) -> tuple[dict, LlamaConfig]:
             except (SafetensorError, ValueError, TypeError) as err:
                 raise ModelFileError(f"{where[name][0].name}: cannot read tensor {name!r}: {err}") from err
             a = np.asarray(a, dtype=np.float32)
-            if not np.isfinite(a).all():
-                raise ModelFileError(f"{where[name][0].name}: tensor {name!r} holds NaN or infinite values")
+            check_finite(a, f"{where[name][0].name}: tensor {name!r}", error=ModelFileError)
             return a
 
         params: dict = {"embed": get("model.embed_tokens.weight"), "layers": []}

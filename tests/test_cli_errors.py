@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mode_jax.cli import main
-from tests.cli_expect import assert_refused
+from tests.helpers import assert_refused
 
 
 def _fails(capsys, argv, out, *needles):
@@ -66,6 +66,11 @@ def test_other_bad_input(tmp_path, capsys):
            "unknown phase 'expert-art'")
     _fails(capsys, ["reproduce", "--preset", "smoke", "--time-limit", "-5"], tmp_path / "run",
            "--time-limit must be > 0")
+    _fails(capsys, ["eval", "--run", str(tmp_path / "no_such_dir"), "--preset", "smoke"], tmp_path / "run",
+           "no_such_dir does not exist")
+    (tmp_path / "unfinished").mkdir()
+    _fails(capsys, ["eval", "--run", str(tmp_path / "unfinished"), "--preset", "smoke"], tmp_path / "run",
+           "is not a finished run")
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):

@@ -13,30 +13,14 @@ import numpy as np
 import pytest
 
 from mode_jax.cli import main
-from tests.cli_expect import assert_refused
-from mode_jax.pipeline import expert_io, presets, sources
-from mode_jax.ref.llama import init_llama
-from mode_jax.ref.methods import init_method
+from tests.helpers import assert_refused, stage1_expert
+from mode_jax.pipeline import expert_io
 
 SMOKE = ["--preset", "smoke", "--quiet"]
 
 
-def _stage1_expert(*, d_model=32, n_layers=4, n_blocks=2, expert_layers=1, model_seed=0, key=3, domain="math"):
-    """A stage-1 expert on the smoke preset's tiny backbone (optionally altered), untrained
-    but with random non-trivial gates, as the library builds it."""
-    cfg = presets.load_config(preset="smoke", overrides=[f"mode.n_blocks={n_blocks}",
-                                                         f"mode.expert_layers={expert_layers}"])
-    llama = sources.tiny_config(d_model=d_model, n_layers=n_layers, vocab_size=259)
-    backbone = init_llama(jax.random.key(model_seed), llama)
-    params = init_method("stage1", jax.random.key(key), backbone, llama, mode=sources.mode_config(cfg, 1))
-    for i, block in enumerate(params["blocks"]):
-        block["gate_w"] = jax.random.normal(jax.random.key(100 + i), block["gate_w"].shape)
-    return expert_io.from_stage1(params, domain=domain, llama=llama, mode=sources.mode_config(cfg, 1),
-                                 fingerprint=sources.fingerprint(backbone), training={"steps": 0})
-
-
 def test_round_trip_is_bit_exact(tmp_path):
-    expert = _stage1_expert()
+    expert = stage1_expert()
     path = expert_io.save_expert(tmp_path / "e.safetensors", expert)
     loaded = expert_io.load_expert(path)
     assert (loaded.domain, loaded.llama, loaded.mode) == (expert.domain, expert.llama, expert.mode)
@@ -94,7 +78,7 @@ def test_compose_experts_from_separate_runs(two_runs, tmp_path):
     (dict(d_model=48), "width (llama_config.d_model) differs"),
 ])
 def test_incompatible_expert_is_refused(two_runs, tmp_path, capsys, change, field):
-    bad = expert_io.save_expert(tmp_path / "bad.safetensors", _stage1_expert(domain="code", **change))
+    bad = expert_io.save_expert(tmp_path / "bad.safetensors", stage1_expert(domain="code", **change))
     out = tmp_path / "out"
     line = assert_refused(capsys, ["compose", "--experts", str(two_runs / "math" / "expert-math.safetensors"),
                              str(bad), "--out", str(out), *SMOKE], out, field, "bad.safetensors")
@@ -103,7 +87,7 @@ def test_incompatible_expert_is_refused(two_runs, tmp_path, capsys, change, fiel
 
 def test_matching_hand_built_expert_is_accepted(two_runs, tmp_path):
     """The refusals above are about the field, not about hand-built files."""
-    good = expert_io.save_expert(tmp_path / "good.safetensors", _stage1_expert(domain="code"))
+    good = expert_io.save_expert(tmp_path / "good.safetensors", stage1_expert(domain="code"))
     assert main(["compose", "--experts", str(two_runs / "math" / "expert-math.safetensors"), str(good),
                  "--steps", "3", "--out", str(tmp_path / "out"), *SMOKE]) == 0
 

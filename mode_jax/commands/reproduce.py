@@ -167,9 +167,10 @@ def _report(out: Path, cfg, plan, results: dict, root) -> str | None:
 
 def _write_timing(out: Path, started: float, done, stopped) -> None:
     from mode_jax.atomic import write_text_atomic
+    from mode_jax.integrity import strict_json
     path = out / "timing.json"
     calls = json.loads(path.read_text())["calls"] if path.is_file() else []
     calls.append({"seconds": round(time.time() - started, 1), "argv": sys.argv, "phases_done": done,
                   "stopped_in": stopped})
-    write_text_atomic(path, json.dumps({"calls": calls, "total_seconds": round(sum(c["seconds"] for c in calls), 1)},
-                                       indent=2) + "\n")
+    write_text_atomic(path, strict_json({"calls": calls, "total_seconds": round(sum(c["seconds"] for c in calls), 1)},
+                                         indent=2) + "\n")

@@ -13,6 +13,15 @@ fingerprint (sha256 of its tensors, see sources.fingerprint) and how it was
 trained. `compose` accepts experts trained in separate runs, by other people,
 only if every one of them agrees with the backbone in use: a different backbone
 shape or width, block layout, or fingerprint is refused with the field named.
+
+Integrity: every file written here (expert, composed model, LoRA, full fine-tune) stores
+`sha256`, a checksum over its tensors and its other metadata (integrity.content_sha256),
+and is refused when written with a NaN or infinity in it. A load recomputes the sum: a
+mismatch is a one-line error naming the file as corrupted; every tensor is then checked
+finite, and one that is not is named. A file written before checksums existed (no
+`sha256` field) still loads, with a warning on stderr that its integrity cannot be
+checked: refusing it would strand every earlier run's experts, and its tensors are still
+checked finite.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +37,7 @@ import numpy as np
 
 from mode_jax.atomic import atomic_path
 from mode_jax.errors import UserError
+from mode_jax.integrity import check_finite, content_sha256, strict_json
 from mode_jax.ref.config import LlamaConfig, ModeConfig
 from mode_jax.ref.llama import LAYER_KEYS, layer_shapes
 
@@ -66,8 +77,7 @@ def from_stage1(params: dict, *, domain: str, llama: LlamaConfig, mode: ModeConf
 
 
 def save_expert(path: str | os.PathLike, expert: Expert) -> Path:
-    """Write the expert atomically; returns the path."""
-    from safetensors.numpy import save_file
+    """Write the expert atomically, with its checksum; returns the path."""
     tensors = {}
     for i, (block, (w, b)) in enumerate(zip(expert.layers, expert.gates)):
         for j, layer in enumerate(block):
@@ -82,29 +92,15 @@ def save_expert(path: str | os.PathLike, expert: Expert) -> Path:
         "backbone_fingerprint": expert.backbone_fingerprint,
         "training": json.dumps(expert.training, sort_keys=True),
     }
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return path
+    return _write_checked(path, tensors, metadata)
 
 
 def load_expert(path: str | os.PathLike) -> Expert:
     """Read and check one expert file; raises ExpertFileError with a one-line reason."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise ExpertFileError(f"expert file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ExpertFileError(f"{path} is not a readable safetensors file (truncated or of another "
-                              f"format: {reason})") from None
-    if metadata.get("format") != FORMAT:
-        raise ExpertFileError(f"{path} is not a mode-jax expert file (metadata format is "
-                              f"{metadata.get('format')!r}, expected {FORMAT!r})")
+    metadata, tensors = _read_checked(path, FORMAT, "a mode-jax expert file")
     try:
         llama = LlamaConfig(**json.loads(metadata["llama_config"]))
         mode = ModeConfig(**json.loads(metadata["mode_config"]))
@@ -137,6 +133,58 @@ def _tensor(tensors: dict, name: str, shape: tuple, path: Path) -> np.ndarray:
     if tuple(t.shape) != tuple(shape) or t.dtype != np.float32:
         raise ExpertFileError(f"{path}: tensor {name!r} is {t.dtype}{list(t.shape)}, expected float32{list(shape)}")
     return t
+
+
+SHA256 = "sha256"   # the metadata field that holds integrity.content_sha256 of the rest
+_WARNED: set[str] = set()
+
+
+def _write_checked(path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
+    """Write `tensors` and `metadata` (plus their checksum) to `path` atomically; a
+    non-finite tensor is refused before anything is written."""
+    from safetensors.numpy import save_file
+    path = Path(path)
+    for name in sorted(tensors):
+        check_finite(tensors[name], f"refusing to write {path}: tensor {name!r}", error=ExpertFileError)
+    metadata = {**metadata, SHA256: content_sha256(tensors, metadata)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def _read_checked(path: Path, fmt: str, what: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """(metadata without the checksum, tensors) of an artifact of format `fmt`, checked:
+    readable, of that format, checksum matching (when present), every tensor finite."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ExpertFileError(f"{path} is not a readable safetensors file: corrupted, truncated or of "
+                              f"another format ({reason})") from None
+    if metadata.get("format") != fmt:
+        raise ExpertFileError(f"{path} is not {what} (metadata format is {metadata.get('format')!r}, "
+                              f"expected {fmt!r})")
+    stored = metadata.pop(SHA256, None)
+    if stored is None:
+        if str(path) not in _WARNED:     # once per file: a command may read it twice
+            _WARNED.add(str(path))
+            print(f"warning: {path} has no checksum (written before mode-jax stored one): its integrity "
+                  "cannot be checked; its tensors are still checked finite", file=sys.stderr)
+    elif content_sha256(tensors, metadata) != stored:
+        bad = _first_nonfinite(tensors)
+        raise ExpertFileError(f"{path} is corrupted: its content does not match the sha256 in its metadata "
+                              f"({stored[:16]}...){f'; tensor {bad!r} holds NaN or infinite values' if bad else ''}"
+                              "; restore it from a good copy or retrain it")
+    for name in sorted(tensors):
+        check_finite(tensors[name], f"{path}: tensor {name!r}", error=ExpertFileError)
+    return metadata, tensors
+
+
+def _first_nonfinite(tensors: dict[str, np.ndarray]) -> str | None:
+    return next((n for n in sorted(tensors) if not np.isfinite(tensors[n]).all()), None)
 
 
 # Fields whose disagreement makes experts incompatible, with the name users see.
@@ -217,26 +265,17 @@ def unflatten(flat: dict[str, np.ndarray]):
 
 def save_model(path, params: dict, *, method: str, metadata: dict[str, Any]) -> Path:
     """The adapted part of a model (everything but a frozen backbone; all of it for full FT)."""
-    from safetensors.numpy import save_file
     part = params if method == "full" else {k: v for k, v in params.items() if k != "backbone"}
-    meta = {**{k: json.dumps(v) for k, v in metadata.items()}, "format": MODEL_FORMAT, "method": method}
-    with atomic_path(path) as tmp:
-        save_file(flatten(part), str(tmp), metadata=meta)
-    return Path(path)
+    meta = {**{k: strict_json(v) for k, v in metadata.items()}, "format": MODEL_FORMAT, "method": method}
+    return _write_checked(path, flatten(part), meta)
 
 
 def load_model(path, backbone_params: dict, *, fingerprint: str) -> tuple[dict, str, dict[str, Any]]:
     """(params, method, metadata) of a saved adapted model around `backbone_params`."""
-    from safetensors import safe_open
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            flat = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # noqa: BLE001
-        raise ExpertFileError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
-    if meta.get("format") != MODEL_FORMAT:
-        raise ExpertFileError(f"{path} is not a mode-jax model file (format {meta.get('format')!r})")
+    if not path.is_file():
+        raise ExpertFileError(f"model file {path} does not exist")
+    meta, flat = _read_checked(path, MODEL_FORMAT, "a mode-jax model file")
     info = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "method")}
     if info.get("backbone_fingerprint") != fingerprint:
         raise ExpertFileError(f"{path}: backbone fingerprint differs: the model was trained on "

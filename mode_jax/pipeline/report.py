@@ -9,7 +9,7 @@ in-house) is not ours (SmolLM2-135M), so compare directions and gaps, not levels
 
 from __future__ import annotations
 
-import json
+import math
 from typing import Any
 
 # docs/MODE.md, Table 1 (Math+Code) and Table 3 (one expert on Code, 3 blocks x 2 layers).
@@ -90,13 +90,14 @@ def loss_markdown(table: dict[str, Any]) -> str:
     lines = ["| method | " + " | ".join(f"{d.capitalize()} loss" for d in domains) + " | steps | train s |",
              "|" + "|".join([" --- "] * (len(domains) + 3)) + "|"]
     for r in table["rows"]:
-        lines.append(f"| {r['method']} | " + " | ".join(f"{r['loss'][d]:.4f}" for d in domains)
+        lines.append(f"| {r['method']} | " + " | ".join(_num(r['loss'][d], 4) for d in domains)
                      + f" | {r['train_steps']} | {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def _num(x, digits: int = 2) -> str:
+    # None: a value the paper does not report, or a non-finite one (strict JSON stores it as null)
+    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
 def noise_note(table: dict[str, Any]) -> str:
@@ -111,8 +112,9 @@ def write(out_dir, table: dict[str, Any], *, header: str = "") -> str:
     from pathlib import Path
 
     from mode_jax.atomic import write_text_atomic
+    from mode_jax.integrity import strict_json
     md = "".join([header + "\n" if header else "", markdown(table), "\n", noise_note(table),
                   "\nLoss (nats/token) and training cost:\n\n", loss_markdown(table)])
     write_text_atomic(Path(out_dir) / "table.md", md)
-    write_text_atomic(Path(out_dir) / "table.json", json.dumps(table, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(Path(out_dir) / "table.json", strict_json(table, indent=2, sort_keys=True) + "\n")
     return md

@@ -10,6 +10,8 @@
 
 A run directory is only created once every input has been checked, so bad input
 leaves nothing behind. `--resume` reopens one and refuses a config that differs.
+Every JSON file here is strict JSON (integrity.strict_json): a non-finite number is
+written as null, never as the NaN/Infinity literals that parsers refuse.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from mode_jax.atomic import write_text_atomic
 from mode_jax.errors import UserError
+from mode_jax.integrity import strict_json
 from mode_jax.pipeline import presets
 
 CONFIG, RUN, METRICS, RESULT = "config.toml", "run.json", "metrics.jsonl", "result.json"
@@ -68,7 +71,7 @@ class RunDir:
                             f"continue it, or choose another --out")
         run.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run.path / CONFIG, presets.to_toml(cfg))
-        write_text_atomic(run.path / RUN, json.dumps({
+        write_text_atomic(run.path / RUN, strict_json({
             "kind": kind, "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "software": software_versions(), **(info or {})}, indent=2, sort_keys=True) + "\n")
         return run
@@ -91,13 +94,13 @@ class RunDir:
         return json.loads((self.path / RESULT).read_text())
 
     def write_result(self, result: dict[str, Any]) -> None:
-        write_text_atomic(self.path / RESULT, json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(self.path / RESULT, strict_json(result, indent=2, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------ metrics
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (flushed, so a killed run keeps what it logged)."""
         with open(self.path / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(strict_json(record, sort_keys=True) + "\n")
             f.flush()
 
     def metrics(self) -> list[dict[str, Any]]:
@@ -116,7 +119,7 @@ class RunDir:
         """Drop `phase` training lines after `step` (logged by a run killed after its last
         checkpoint), so a resumed run's curve has each step exactly once."""
         kept = [m for m in self.metrics() if not (m.get("phase") == phase and m.get("step", -1) > step)]
-        write_text_atomic(self.path / METRICS, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
+        write_text_atomic(self.path / METRICS, "".join(strict_json(m, sort_keys=True) + "\n" for m in kept))
 
 
 def _changed_keys(a: presets.PipelineConfig, b: presets.PipelineConfig) -> dict[str, tuple]:
