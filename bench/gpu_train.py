@@ -499,6 +499,7 @@ def main(argv=None) -> int:
         MODE = dataclasses.replace(MODE, expert_layers=1)
     else:
         MODE = dataclasses.replace(MODE, n_blocks=SHAPES[args.shape]["mode_blocks"])
+    LABEL["mode"] = f"MoDE 2x({MODE.n_blocks}x{MODE.expert_layers})"
     parts = [p for p in args.parts.split(",") if p]
     unknown = set(parts) - {"full", "lora", "mode", "mode_stacked", "block"}
     if unknown:
