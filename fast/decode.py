@@ -1,0 +1,246 @@
+"""KV-cache text generation of a Llama backbone or a MoDE model, built for speed.
+
+Same function as `ref/decode.py` on the stacked layout of `fast/params.py`:
+
+- the cache has a static size S (prompt bucket + new tokens), one array per kind of
+  stack, written in place with `dynamic_update_slice`:
+      backbone {"k", "v"}: [L, B, S, K, H]
+      experts  {"k", "v"}: [n_blocks, N, expert_layers, B, S, K, H]
+- a batch of prompts of different lengths is left-padded to one length P; row b's
+  token at buffer index j has position j - pad[b] (RoPE per row), and its queries see
+  the keys pad[b] <= j' <= j. The last prompt column is real in every row, so one
+  prefill gives every row's first new token;
+- one jitted prefill, then one jitted `lax.while_loop` over new tokens (no Python per
+  token; it stops early once every row has produced EOS), or, for streaming, one
+  jitted step called per token;
+- the N experts of a block are one `vmap` over the expert axis (one batched matmul
+  per expert layer, as in training), only their new keys and values written into the
+  shared cache array;
+- weights are cast to `FastConfig.compute_dtype` (bf16 by default) and q|k|v, gate|up
+  joined once, before any of this (`prepare`); norms, RoPE, softmax, the gate and the
+  logits are float32.
+
+Attention over the cache is XLA's masked `jax.nn.dot_product_attention` (a decode
+step has one query per row; left padding needs a mask that cuDNN's causal kernel does
+not take). Layers run as a Python loop inside the jitted step: a decode step is small
+and launch-bound, so one straight-line program beats a loop of loops.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mode_jax.fast.attention import apply_rope, rope_tables
+from mode_jax.fast.combine import gated_combine
+from mode_jax.fast.config import FastConfig
+from mode_jax.fast.model import gate_logits, head_weight, prepare_layers
+from mode_jax.fast.norm import rms_norm
+from mode_jax.fast.projection import split_projection
+from mode_jax.fast.swiglu import swiglu_projection
+from mode_jax.ref.config import LlamaConfig
+from mode_jax.ref.sampling import SamplingConfig, sample, step_key
+
+F32 = jnp.float32
+
+
+def prepare(params: dict, fast: FastConfig) -> dict:
+    """A stacked Llama or MoDE tree (`fast.params.to_fast`) as decoding reads it: matrices
+    and the embedding in the compute dtype, q|k|v and gate|up joined. Done once."""
+    backbone = params["backbone"] if "backbone" in params else params
+    bb = {k: v for k, v in backbone.items() if k != "layers"}
+    bb["embed"] = backbone["embed"].astype(fast.dtype)
+    if "lm_head" in backbone:
+        bb["lm_head"] = backbone["lm_head"].astype(fast.dtype)
+    bb["layers"] = prepare_layers(backbone["layers"], dtype=fast.dtype, fuse=True)
+    out = {"backbone": bb}
+    if "blocks" in params and params["blocks"]["gate_w"].shape[0] > 0:
+        blocks = params["blocks"]
+        out["blocks"] = {"experts": prepare_layers(blocks["experts"], dtype=fast.dtype, fuse=True),
+                         "gate_w": blocks["gate_w"].astype(F32), "gate_b": blocks["gate_b"].astype(F32)}
+    return out
+
+
+def init_cache(prepared: dict, batch: int, size: int, cfg: LlamaConfig, fast: FastConfig) -> dict:
+    """Zeroed caches of `size` positions for every layer of every stack."""
+    kv = (batch, size, cfg.n_kv_heads, cfg.head_dim)
+    n_layers = prepared["backbone"]["layers"]["attn_norm"].shape[0]
+    cache = {"backbone": {n: jnp.zeros((n_layers, *kv), fast.dtype) for n in ("k", "v")}}
+    if "blocks" in prepared:
+        lead = prepared["blocks"]["experts"]["attn_norm"].shape[:3]                # n_blocks, N, EL
+        cache["experts"] = {n: jnp.zeros((*lead, *kv), fast.dtype) for n in ("k", "v")}
+    return cache
+
+
+def _rotary(positions: jax.Array, cfg: LlamaConfig):
+    """cos, sin [B, T, H] for per-row positions [B, T]."""
+    b, t = positions.shape
+    cos, sin = rope_tables(positions.reshape(-1), head_dim=cfg.head_dim, theta=cfg.rope_theta)
+    return cos.reshape(b, t, -1), sin.reshape(b, t, -1)
+
+
+def _qkv(layer: dict, x: jax.Array, cos, sin, cfg: LlamaConfig):
+    """A layer's rotated q [B, T, N, H] and new k, v [B, T, K, H] of its input x [B, T, D]."""
+    b, t, _ = x.shape
+    n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    xn = rms_norm(x, layer["attn_norm"], eps=cfg.norm_eps)
+    q, k, v = split_projection(xn, layer["wqkv"], (n * h, kv * h, kv * h))
+    # RoPE per row: fast.attention.apply_rope takes one [T, H] table, so map it over rows.
+    rot = jax.vmap(lambda y, c, s: apply_rope(y[None], c, s)[0])
+    q = rot(q.reshape(b, t, n, h), cos, sin)                                       # [B, T, N, H]
+    k = rot(k.reshape(b, t, kv, h), cos, sin)                                      # [B, T, K, H]
+    return q, k, v.reshape(b, t, kv, h)
+
+
+def _finish(layer: dict, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+            cfg: LlamaConfig) -> jax.Array:
+    """The rest of the layer: attention of q over the cache k, v [B, S, K, H] where mask
+    [B, T, S], output projection, residual, SwiGLU MLP, residual -> [B, T, D]."""
+    b, t, _ = x.shape
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")   # [B, T, N, H]
+    r = x + jnp.einsum("BTI,ID->BTD", o.reshape(b, t, -1), layer["wo"])
+    u = swiglu_projection(rms_norm(r, layer["mlp_norm"], eps=cfg.norm_eps), layer["w_gate_up"])
+    return r + jnp.einsum("BTF,FD->BTD", u, layer["w_down"])
+
+
+def _take(tree, *index):
+    return jax.tree.map(lambda a: a[index], tree)
+
+
+def _backbone_layers(layers, cache, x, lo, hi, write, rot, mask, cfg):
+    """Backbone layers lo..hi-1 on x, each writing its new k, v at `write` -> (x, cache)."""
+    for l in range(lo, hi):
+        layer = _take(layers, l)
+        q, k, v = _qkv(layer, x, *rot, cfg)
+        cache = {n: lax.dynamic_update_slice(cache[n], new[None], (l, 0, write, 0, 0))
+                 for n, new in (("k", k), ("v", v))}
+        x = _finish(layer, x, q, cache["k"][l], cache["v"][l], mask, cfg)
+    return x, cache
+
+
+def _expert_layers(experts, cache, x, block, write, rot, mask, cfg):
+    """Block `block`'s N experts (vmapped) on the same x -> ([N, B, T, D], cache)."""
+    n_experts, depth = experts["attn_norm"].shape[1:3]
+    xs = jnp.broadcast_to(x, (n_experts, *x.shape))                               # [N, B, T, D]
+    for e in range(depth):
+        layer = _take(experts, block, slice(None), e)                             # {key: [N, ...]}
+        q, k, v = jax.vmap(lambda lay, y: _qkv(lay, y, *rot, cfg))(layer, xs)     # [N, B, T, ...]
+        cache = {n: lax.dynamic_update_slice(cache[n], new[None, :, None], (block, 0, e, 0, write, 0, 0))
+                 for n, new in (("k", k), ("v", v))}
+        xs = jax.vmap(lambda lay, y, qq, kk, vv: _finish(lay, y, qq, kk, vv, mask, cfg))(
+            layer, xs, q, cache["k"][block, :, e], cache["v"][block, :, e])
+    return xs, cache
+
+
+def forward(prepared: dict, cache: dict, tokens: jax.Array, write: jax.Array, pad: jax.Array,
+            cfg: LlamaConfig, fast: FastConfig, *, all_logits: bool = False):
+    """Tokens [B, T] at buffer indices write..write+T-1 (row b's positions minus pad[b]) ->
+    (float32 logits [B, V] of the last column, or [B, T, V] with all_logits; new cache;
+    gate probabilities [B, T, n_blocks, E], or None for a backbone)."""
+    b, t = tokens.shape
+    size = cache["backbone"]["k"].shape[2]
+    index = write + jnp.arange(t)                                                  # [T] buffer indices
+    rot = _rotary(jnp.maximum(index[None, :] - pad[:, None], 0), cfg)
+    keys = jnp.arange(size)
+    # Row b's query at index i sees keys pad[b] <= j <= i (and itself, so a padding query
+    # never has an empty softmax).
+    mask = (((keys[None, None, :] >= pad[:, None, None]) & (keys[None, None, :] <= index[None, :, None]))
+            | (keys[None, None, :] == index[None, :, None]))                       # [B, T, S]
+    backbone = prepared["backbone"]
+    x = jnp.take(backbone["embed"], tokens, axis=0)                                # [B, T, D]
+    n_layers = backbone["layers"]["attn_norm"].shape[0]
+    probs = None
+    if "blocks" not in prepared:
+        x, bb = _backbone_layers(backbone["layers"], cache["backbone"], x, 0, n_layers, write, rot, mask, cfg)
+        cache = {"backbone": bb}
+    else:
+        blocks = prepared["blocks"]
+        n_blocks = blocks["gate_w"].shape[0]
+        per_block = n_layers // n_blocks
+        bb, ex, probs = cache["backbone"], cache["experts"], []
+        for i in range(n_blocks):
+            logits = gate_logits(blocks["gate_w"][i], blocks["gate_b"][i], x)     # [B, T, E] (eq. 2)
+            h_bb, bb = _backbone_layers(backbone["layers"], bb, x, i * per_block, (i + 1) * per_block,
+                                        write, rot, mask, cfg)
+            h_ex, ex = _expert_layers(blocks["experts"], ex, x, i, write, rot, mask, cfg)
+            probs.append(jax.nn.softmax(logits, axis=-1))
+            x = gated_combine(logits, jnp.concatenate([h_bb[None], h_ex]))          # eq. 1
+        cache = {"backbone": bb, "experts": ex}
+        probs = jnp.stack(probs, axis=2)                                          # [B, T, n_blocks, E]
+    h = x if all_logits else x[:, -1:]
+    hn = rms_norm(h, backbone["final_norm"], eps=cfg.norm_eps)
+    logits = jnp.einsum("BTD,VD->BTV", hn, head_weight(backbone, cfg).astype(hn.dtype), preferred_element_type=F32)
+    return (logits if all_logits else logits[:, 0]), cache, probs
+
+
+def _routing_width(prepared: dict) -> tuple[int, int]:
+    if "blocks" not in prepared:
+        return 0, 1
+    return prepared["blocks"]["gate_w"].shape[0], prepared["blocks"]["gate_w"].shape[2]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "size", "all_logits"))
+def prefill(prepared: dict, tokens: jax.Array, pad: jax.Array, key: jax.Array, *, cfg: LlamaConfig,
+            fast: FastConfig, sampling: SamplingConfig, size: int, all_logits: bool = False):
+    """Left-padded prompts [B, P] (pad [B] leading pad columns) into a fresh cache of
+    `size` positions -> (first new token [B], its logits [B, V], the last column's gate
+    probabilities [B, n_blocks, E], cache, the prompt's logits [B, P, V] if all_logits)."""
+    cache = init_cache(prepared, tokens.shape[0], size, cfg, fast)
+    logits, cache, probs = forward(prepared, cache, tokens, jnp.int32(0), pad, cfg, fast, all_logits=True)
+    last = logits[:, -1]
+    n_blocks, width = _routing_width(prepared)
+    routing = probs[:, -1] if probs is not None else jnp.zeros((tokens.shape[0], n_blocks, width), F32)
+    token = sample(step_key(key, 0), last, sampling)
+    return token, last, routing, cache, (logits if all_logits else None)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling"), donate_argnames=("cache",))
+def decode_step(prepared: dict, cache: dict, token: jax.Array, write: jax.Array, pad: jax.Array,
+                key: jax.Array, step: jax.Array, *, cfg: LlamaConfig, fast: FastConfig,
+                sampling: SamplingConfig):
+    """Feed token [B] at buffer index `write`, draw decoding step `step`'s token ->
+    (token [B], logits [B, V], gate probabilities [B, n_blocks, E], cache). For streaming."""
+    logits, cache, probs = forward(prepared, cache, token[:, None], write, pad, cfg, fast)
+    n_blocks, width = _routing_width(prepared)
+    routing = probs[:, 0] if probs is not None else jnp.zeros((token.shape[0], n_blocks, width), F32)
+    return sample(step_key(key, step), logits, sampling), logits, routing, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "max_new", "keep_logits"))
+def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax.Array, first_routing: jax.Array,
+                start: jax.Array, pad: jax.Array, key: jax.Array, eos_id: jax.Array, *, cfg: LlamaConfig,
+                fast: FastConfig, sampling: SamplingConfig, max_new: int, keep_logits: bool = False):
+    """Steps 1..max_new-1 after the prefill's token `first` [B] (written at index `start`),
+    in one `lax.while_loop` that ends early once every row has emitted `eos_id` (-1: none).
+    -> (tokens [B, max_new] (after a row's EOS: EOS), routing [B, max_new, n_blocks, E]
+    (the gate of the position that predicted each token), logits [B, max_new, V] or None,
+    steps taken)."""
+    b = first.shape[0]
+    tokens = jnp.full((b, max_new), jnp.maximum(eos_id, 0), jnp.int32).at[:, 0].set(first)
+    routing = jnp.zeros((b, max_new, *first_routing.shape[1:]), F32).at[:, 0].set(first_routing)
+    logits_out = jnp.zeros((b, max_new if keep_logits else 1, first_logits.shape[-1]), F32)
+    logits_out = logits_out.at[:, 0].set(first_logits)
+    done = first == eos_id
+
+    def cond(carry):
+        i, _, _, _, _, done = carry
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, tokens, routing, logits_out, done = carry
+        logits, cache, probs = forward(prepared, cache, tokens[:, i - 1][:, None], start + i - 1, pad, cfg, fast)
+        token = sample(step_key(key, i), logits, sampling)
+        token = jnp.where(done, tokens[:, i], token)                               # finished rows: EOS
+        tokens = tokens.at[:, i].set(token)
+        if probs is not None:
+            routing = routing.at[:, i].set(jnp.where(done[:, None, None], 0.0, probs[:, 0]))
+        if keep_logits:
+            logits_out = logits_out.at[:, i].set(logits)
+        return i + 1, cache, tokens, routing, logits_out, done | (token == eos_id)
+
+    steps, _, tokens, routing, logits_out, _ = lax.while_loop(
+        cond, body, (jnp.int32(1), cache, tokens, routing, logits_out, done))
+    return tokens, routing, (logits_out if keep_logits else None), steps
