@@ -44,6 +44,7 @@ from mode_jax.fast.norm import rms_norm
 from mode_jax.fast.projection import split_projection
 from mode_jax.fast.swiglu import swiglu_projection
 from mode_jax.ref.config import LlamaConfig, LoraConfig
+from mode_jax.ref.llama import BIAS_KEYS, rope_freq_factors
 
 F32 = jnp.float32
 ATTENTION_NAME = "attention_out"
@@ -87,32 +88,41 @@ FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 
 
 def prepare_layers(layers: dict, *, dtype, fuse: bool) -> dict:
-    """A stack's weights as the layer functions read them: matrices in the compute dtype and,
-    with `fuse`, q|k|v and gate|up concatenated along the output axis ("wqkv", "w_gate_up");
-    norms untouched. Done once per stack (any leading axes), outside the loop over layers, so
-    the loop slices weights already cast and joined. Same values; a weight's gradient is
-    the compute dtype's until this function's own transpose casts it back."""
-    out = {k: v for k, v in layers.items() if k not in MATRICES}
-    cast = {k: layers[k].astype(dtype) for k in MATRICES}
+    """A stack's weights as the layer functions read them: matrices (and Qwen2's q/k/v biases)
+    in the compute dtype and, with `fuse`, q|k|v and gate|up concatenated along the output
+    axis ("wqkv", "w_gate_up"; the biases "bqkv"); norms untouched. Done once per stack (any
+    leading axes), outside the loop over layers, so the loop slices weights already cast and
+    joined. Same values; a weight's gradient is the compute dtype's until this function's
+    own transpose casts it back."""
+    biases = tuple(b for b in BIAS_KEYS.values() if b in layers)
+    out = {k: v for k, v in layers.items() if k not in MATRICES and k not in biases}
+    cast = {k: layers[k].astype(dtype) for k in MATRICES + biases}
     if fuse:
         for name, parts in FUSED.items():
             out[name] = jnp.concatenate([cast.pop(k) for k in parts], axis=-1)
+            if all(BIAS_KEYS.get(k) in cast for k in parts):
+                out[_fused_bias(name)] = jnp.concatenate([cast.pop(BIAS_KEYS[k]) for k in parts], axis=-1)
     out.update(cast)
     return out
 
 
+def _fused_bias(fused: str) -> str:
+    return "b" + fused[1:]          # "wqkv" -> "bqkv"
+
+
 def _proj(x, layer, adapters, names, *, lora_scale, split=None):
-    """[x @ W[name] for name in names], x [B, T, in] -> each [B, T, out_name], plus the LoRA
-    term (alpha / rank) (x @ A) @ B where `name` has an adapter. `layer` is prepared
+    """[x @ W[name] (+ its bias) for name in names], x [B, T, in] -> each [B, T, out_name], plus
+    the LoRA term (alpha / rank) (x @ A) @ B where `name` has an adapter. `layer` is prepared
     (`prepare_layers`); with `split` = (fused key, output sizes) the projections are one
     matmul against the concatenated weight (D = 576 makes each alone a narrow, inefficient
     matmul), then split; the values are the same."""
     dtype = x.dtype
     if split is not None:
         fused, sizes = split
-        ys = split_projection(x, layer[fused], sizes)
+        ys = split_projection(x, layer[fused], sizes, bias=layer.get(_fused_bias(fused)))
     else:
         ys = [jnp.einsum("BTI,IO->BTO", x, layer[n]) for n in names]
+        ys = [y + layer[BIAS_KEYS[n]] if BIAS_KEYS.get(n) in layer else y for y, n in zip(ys, names)]
     if adapters is not None:
         for i, n in enumerate(names):
             if n in adapters:
@@ -204,7 +214,8 @@ def stack_parts(layers: dict, x: jax.Array, cos, sin, *, remat: str, unroll: int
 
 
 def _rope(t: int, cfg: LlamaConfig):
-    return rope_tables(jnp.arange(t), head_dim=cfg.head_dim, theta=cfg.rope_theta)   # [T, H] each
+    return rope_tables(jnp.arange(t), head_dim=cfg.head_dim, theta=cfg.rope_theta,
+                       freq_factors=rope_freq_factors(cfg))                          # [T, H] each
 
 
 def gate_logits(gate_w: jax.Array, gate_b: jax.Array, x: jax.Array) -> jax.Array:

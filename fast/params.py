@@ -33,9 +33,11 @@ TRAINABLE_NAMES = tuple(ref_methods.TRAINABLE)
 
 
 def _stack(dicts: list[dict], keys, empty_shapes: dict | None = None) -> dict:
-    """[{k: [...]}, ...] -> {k: [len, ...]}; `empty_shapes` gives shapes when the list is empty."""
+    """[{k: [...]}, ...] -> {k: [len, ...]}; `empty_shapes` gives shapes when the list is empty.
+    Keys the dicts hold beyond `keys` (Qwen2's biases "bq", "bk", "bv") are stacked too."""
     if not dicts:
         return {k: jnp.zeros((0, *empty_shapes[k][0]), empty_shapes[k][1]) for k in keys}
+    keys = tuple(keys) + tuple(k for k in dicts[0] if k not in keys)
     return {k: jnp.stack([d[k] for d in dicts]) for k in keys}
 
 

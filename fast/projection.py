@@ -20,13 +20,21 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 
-def split_projection(x: jax.Array, w: jax.Array, sizes: tuple[int, ...]) -> list[jax.Array]:
-    """x [B, T, D] @ w [D, sum(sizes)] -> [x @ w[:, piece] for each piece of `sizes`]."""
+def split_projection(x: jax.Array, w: jax.Array, sizes: tuple[int, ...],
+                     bias: jax.Array | None = None) -> list[jax.Array]:
+    """x [B, T, D] @ w [D, sum(sizes)] (+ bias [sum(sizes)]) -> [x @ w[:, piece] (+ bias[piece])
+    for each piece of `sizes`]. The bias (Qwen2's q|k|v) is added to each piece after the
+    split, by plain JAX: its gradient is a sum over B, T that XLA fuses with the add."""
     sizes = tuple(int(s) for s in sizes)
     if x.ndim != 3 or w.ndim != 2 or x.shape[-1] != w.shape[0] or sum(sizes) != w.shape[1]:
         raise ValueError(f"split_projection: x {x.shape} must be [B, T, D] for w {w.shape} "
                          f"[D, sum{sizes}]")
-    return list(_split_projection(x, w, sizes))
+    ys = list(_split_projection(x, w, sizes))
+    if bias is None:
+        return ys
+    if bias.shape != (w.shape[1],):
+        raise ValueError(f"split_projection: bias {bias.shape} must be [{w.shape[1]}] for w {w.shape}")
+    return [y + b.astype(y.dtype) for y, b in zip(ys, _split(bias, sizes))]
 
 
 def _split(y, sizes):

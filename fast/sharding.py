@@ -40,6 +40,7 @@ LAYER_AXES = {
     "wq": ("embed", "q_heads"), "wk": ("embed", "kv_heads"), "wv": ("embed", "kv_heads"),
     "wo": ("q_heads", "embed"),
     "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
+    "bq": ("q_heads",), "bk": ("kv_heads",), "bv": ("kv_heads",),          # Qwen2's q/k/v biases
 }
 TOP_AXES = {
     "embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "final_norm": ("norm",),

@@ -19,7 +19,7 @@ from mode_jax.fast import model, params as P
 from mode_jax.fast.attention import pick_implementation
 from mode_jax.fast.config import LAYER_LOOPS, REMATS, FastConfig
 from mode_jax.fast.merge import fused_merge, fused_merge_reference
-from mode_jax.ref.config import LlamaConfig, LoraConfig, ModeConfig
+from mode_jax.ref.config import LlamaConfig, LoraConfig, ModeConfig, RopeScaling
 from mode_jax.ref.methods import apply, merge, partition
 from tests.test_fast_params import random_params, to_fast_jit
 from tests.tolerances import assert_close
@@ -89,6 +89,56 @@ def test_unfused_projections_match_fused():
     fused = fast_logits(params, tok, CFG, FastConfig.exact(), LORA)
     separate = fast_logits(params, tok, CFG, FastConfig.exact(fuse_projections=False), LORA)
     assert_close(separate, fused)
+
+
+# --- other backbones: Qwen2's q/k/v biases, Llama 3's RoPE scaling ---------------------------
+
+ARCHS = {"qwen2": dataclasses.replace(CFG, qkv_bias=True, rope_theta=1e6),
+         # original 64: CFG's head_dim 8 and theta 1e4 put one frequency in each branch of the rule.
+         "llama3": dataclasses.replace(CFG, rope_scaling=RopeScaling(original_max_position_embeddings=64))}
+
+
+@settings(max_examples=8)
+@given(arch=st.sampled_from(sorted(ARCHS)), method=st.sampled_from(["full", "lora", "uninit"]),
+       dtype=st.sampled_from(sorted(DTYPES)), fuse=st.booleans(), seed=st.integers(0, 2**16))
+def test_other_backbones_forward_match_ref(arch, method, dtype, fuse, seed):
+    cfg = ARCHS[arch]
+    params = build(method, seed, cfg)
+    if cfg.qkv_bias:
+        # Biases of Qwen2's size (units, not hundredths), so a missing or misplaced one shows.
+        for layer in params["backbone"]["layers"]:
+            layer.update({b: 20 * layer[b] for b in ("bq", "bk", "bv")})
+    lora = LORA if method == "lora" else None
+    tok = tokens(seed + 3, (2, 12), cfg)
+    fast = dataclasses.replace(DTYPES[dtype], fuse_projections=fuse)
+    got = fast_logits(to_fast_jit(params, expert_layers=1), tok, cfg, fast, lora)
+    assert_close(got, ref_logits(params, tok, cfg, lora), dtype=tolerance_dtype(fast), scale=2)
+
+
+def _vjp_arch(fn, params, trainable, tok, ct):
+    train, frozen = P.partition(params, trainable)
+    _, vjp = jax.vjp(lambda t: fn(P.merge(t, frozen), tok), train)
+    return vjp(ct)[0]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("method, trainable", [("full", "full"), ("uninit", "experts_and_gates")])
+def test_other_backbones_gradients_match_ref(arch, method, trainable):
+    """float32 gradients, the biases' included (full FT trains them, MoDE's experts carry them)."""
+    cfg = ARCHS[arch]
+    params = build(method, 21, cfg)
+    tok = tokens(22, (2, 8), cfg)
+    ct = np.random.default_rng(23).standard_normal((2, 8, cfg.vocab_size)).astype(np.float32)
+    fast_params = to_fast_jit(params)
+    ref_fn = lambda p, t: apply(P.to_ref(p), t, cfg)
+    fast_fn = lambda p, t: model.logits(p, t, cfg, FastConfig.exact())
+    want = jit(_vjp_arch, ("fn", "trainable"))(ref_fn, fast_params, trainable, tok, ct)
+    got = jit(_vjp_arch, ("fn", "trainable"))(fast_fn, fast_params, trainable, tok, ct)
+    leaves = jax.tree_util.tree_flatten_with_path(got)[0]
+    if cfg.qkv_bias:
+        assert any(jax.tree_util.keystr(p).endswith("['bq']") for p, _ in leaves)
+    for path, g in leaves:
+        assert_close(g, _at(want, path), scale=2, err_msg=jax.tree_util.keystr(path))
 
 
 def test_mode_gate_probabilities_match_ref():

@@ -62,3 +62,22 @@ def test_frozen_weight_gets_no_weight_gradient_matmul():
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match=r"sum\(4, 3\)"):
         split_projection(jnp.ones((1, 2, 4)) * 0.5, jnp.ones((4, 6)) * 0.5, (4, 3))
+
+
+def test_bias_is_added_per_piece_with_its_gradient():
+    """Qwen2's q|k|v bias: each piece gets its slice; the bias's gradient is the summed cotangent."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 3, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((6, 7)) / 3, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(7), jnp.float32)
+    cts = [jnp.asarray(rng.standard_normal((2, 3, s)), jnp.float32) for s in (4, 3)]
+    got, vjp = jax.vjp(lambda x, w, b: split_projection(x, w, (4, 3), bias=b), x, w, bias)
+    x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, w, bias))
+    for g, want in zip(got, [x64 @ w64[:, :4] + b64[:4], x64 @ w64[:, 4:] + b64[4:]]):
+        assert_close(g, want, scale=2)
+    ct64 = np.concatenate([np.asarray(c, np.float64) for c in cts], axis=-1)
+    dx, dw, db = vjp(cts)
+    assert_close(db, ct64.sum((0, 1)), scale=2)
+    assert_close(dx, ct64 @ w64.T, scale=2)
+    with pytest.raises(ValueError, match=r"bias \(6,\) must be \[7\]"):
+        split_projection(x, w, (4, 3), bias=bias[:6])
