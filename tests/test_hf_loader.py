@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from mode_jax.gguf_loader import ModelFileError
 from mode_jax.hf_loader import config_from_hf, hf_config_dict, load_hf_dir, read_hf_dir, save_hf_dir
-from mode_jax.ref.config import LlamaConfig
+from mode_jax.ref.config import LlamaConfig, RopeScaling
 from mode_jax.ref.llama import init_llama, llama_forward
 
 CFG = LlamaConfig.tiny(tie_embeddings=False, norm_eps=1e-6)
@@ -149,7 +149,7 @@ def test_nan_weights_are_refused(good_dir):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'"),
+    ({"model_type": "gpt2"}, r"unsupported model_type 'gpt2' in config.json \(supported: llama, qwen2\)"),
     ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
     ({"attention_bias": True}, "attention_bias"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported RoPE scaling"),
@@ -191,3 +191,89 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_hf_dir(_params(), CFG, tmp_path / "m")
     assert os.listdir(tmp_path / "m") == []
+
+
+# ----------------------------------------------------------------------------- other backbones
+# transformers itself writes and reads these in tests/test_crosscheck_arch.py.
+
+QWEN2 = LlamaConfig.tiny(qkv_bias=True, rope_theta=1e6, norm_eps=1e-6)
+LLAMA3 = LlamaConfig.tiny(tie_embeddings=False, rope_scaling=RopeScaling(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("cfg", [QWEN2, LLAMA3], ids=["qwen2", "llama3"])
+def test_other_backbones_round_trip_exactly(tmp_path, cfg):
+    params = _params(cfg)
+    path = save_hf_dir(params, cfg, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    names = set(load_file(path / "model.safetensors"))
+    if cfg.qkv_bias:
+        assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+        assert {"model.layers.3.self_attn.q_proj.bias", "model.layers.3.self_attn.v_proj.bias"} <= names
+    else:
+        assert config["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        assert not any(n.endswith(".bias") for n in names)
+    loaded, got = read_hf_dir(path)
+    assert got == cfg
+    for (kp, a), (_, b) in zip(_leaves(params), _leaves(loaded)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(kp))
+
+
+@pytest.mark.parametrize("form", ["transformers5", "transformers4", "old_type_key"])
+def test_llama3_scaling_in_every_config_form(form):
+    """config.json states the same scaling three ways, depending on who wrote it."""
+    config = hf_config_dict(LlamaConfig.tiny(rope_theta=5e5))
+    rule = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    del config["rope_theta"], config["rope_scaling"]
+    if form == "transformers5":
+        config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, **rule}
+    else:
+        config["rope_theta"] = 5e5
+        config["rope_scaling"] = {("rope_type" if form == "transformers4" else "type"): "llama3", **rule}
+    cfg = config_from_hf(config)
+    assert cfg.rope_theta == 5e5 and cfg.rope_scaling == RopeScaling(**rule) and not cfg.qkv_bias
+
+
+def test_qwen2_config_as_transformers_writes_it():
+    """Fields of a Qwen2.5 config.json (transformers 4 form), read as LlamaConfig."""
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+              "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14,
+              "num_hidden_layers": 24, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+              "max_window_layers": 21, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
+              "sliding_window": 32768, "use_sliding_window": False, "tie_word_embeddings": True,
+              "vocab_size": 151936, "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643}
+    assert config_from_hf(config) == LlamaConfig(
+        vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64, d_ff=4864,
+        rope_theta=1e6, norm_eps=1e-6, tie_embeddings=True, max_seq_len=32768, qkv_bias=True)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"use_sliding_window": True}, "unsupported sliding-window attention"),
+    ({"layer_types": ["full_attention", "sliding_attention"] * 2}, "unsupported sliding-window attention"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 RoPE scaling is missing 'low_freq_factor'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+     r"unsupported RoPE scaling 'dynamic' in config.json \(supported: default, llama3\)"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                       "original_max_position_embeddings": 64}}, "invalid llama3 RoPE scaling"),
+    ({"rope_scaling": "llama3"}, "rope_scaling must be an object"),
+])
+def test_other_backbones_bad_config(tmp_path, changes, message):
+    path = save_hf_dir(_params(QWEN2), QWEN2, tmp_path / "q")
+    _edit_config(path, **changes)
+    with pytest.raises(ModelFileError, match=message):
+        read_hf_dir(path)
+
+
+def test_qwen2_missing_bias_is_named(tmp_path):
+    path = save_hf_dir(_params(QWEN2), QWEN2, tmp_path / "q")
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.2.self_attn.k_proj.bias"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ModelFileError, match=r"'model\.layers\.2\.self_attn\.k_proj\.bias' is missing"):
+        read_hf_dir(path)
+
+
+def test_gguf_frequency_table_has_no_config_json_form():
+    with pytest.raises(ModelFileError, match="rope_freqs table"):
+        hf_config_dict(LlamaConfig.tiny(rope_freq_factors=(1.0, 2.0, 3.0, 4.0)))
