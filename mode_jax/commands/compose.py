@@ -63,7 +63,7 @@ def run(args) -> int:
                              len(domains))
     if experts is not None:
         experts = expert_io.load_compatible(args.experts, llama=ctx.llama, mode=sources.mode_config(cfg, 1),
-                                            fingerprint=ctx.backbone.fingerprint)
+                                            fingerprint=ctx.backbone.fingerprint, base=ctx.backbone.base)
     kind = "compose-uninit" if args.uninit else "compose"
     run_dir = cliargs.open_run(args, cfg, ctx, kind=kind, out_name=f"{kind}-{'-'.join(domains)}",
                                info={"experts": args.experts, "domains": domains,

@@ -56,7 +56,7 @@ def run(args) -> int:
     params = {"backbone": ctx.backbone.params}
     if experts:
         experts = expert_io.load_compatible(args.experts, llama=ctx.llama, mode=sources.mode_config(cfg, 1),
-                                            fingerprint=ctx.backbone.fingerprint)
+                                            fingerprint=ctx.backbone.fingerprint, base=ctx.backbone.base)
         stage1 = [e.stage1_model(ctx.backbone.params) for e in experts]
         method = "stage2" if len(experts) > 1 else "stage1"
         params = stage1[0] if len(experts) == 1 else init_method(
@@ -90,7 +90,7 @@ def _load_run(source_run, ctx):
         e = expert_io.load_expert(experts[0])
         expert_io.check_compatible(e, llama=ctx.llama, mode=dataclasses.replace(
             e.mode, n_blocks=ctx.cfg.mode.n_blocks, expert_layers=ctx.cfg.mode.expert_layers),
-            fingerprint=ctx.backbone.fingerprint)
+            fingerprint=ctx.backbone.fingerprint, base=ctx.backbone.base)
         return e.stage1_model(ctx.backbone.params), "stage1", f"expert-{e.domain}"
     model = Path(path) / "model.safetensors"
     if not model.is_file():

@@ -123,7 +123,7 @@ def _run_phase(ctx, sub, kind, cfg, out, expert_io, stages):
             raise UserError(f"phase {sub.path.name} needs the stage-1 experts; {missing[0]} is missing "
                             f"(run the expert phases first)")
         experts = expert_io.load_compatible(files, llama=ctx.llama, mode=_mode1(ctx),
-                                            fingerprint=ctx.backbone.fingerprint)
+                                            fingerprint=ctx.backbone.fingerprint, base=ctx.backbone.base)
         return stages.compose(ctx, sub, experts, freeze=kind == "compose-frozen")
     if kind == "uninit":
         return stages.uninit(ctx, sub, targets)

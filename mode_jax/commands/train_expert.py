@@ -21,7 +21,7 @@ from mode_jax.pipeline import cliargs
 def register(sub) -> None:
     p = sub.add_parser("train-expert", help="stage 1: train one expert on one domain (backbone frozen)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--domain", required=True, help="math, code or english")
+    p.add_argument("--domain", required=True, help="a domain of the data (`mode-jax data info` lists them)")
     p.add_argument("--steps", type=int, default=None, help="training steps (= --set train.stage1_steps=N)")
     cliargs.add_config_args(p)
     cliargs.add_run_args(p)

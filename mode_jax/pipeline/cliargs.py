@@ -90,7 +90,9 @@ def config_from_args(args) -> presets.PipelineConfig:
     if getattr(args, "seed", None) is not None:
         overrides.append(f"train.seed={args.seed}")
     preset = args.preset or (None if args.config else args.default_preset)
-    return presets.load_config(preset=preset, config=args.config, overrides=overrides)
+    cfg = presets.load_config(preset=preset, config=args.config, overrides=overrides)
+    from mode_jax.pipeline.sources import resolve_domains   # empty domains.targets: the data's domains
+    return resolve_domains(cfg)
 
 
 def deadline(args) -> float | None:

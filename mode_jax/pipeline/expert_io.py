@@ -9,8 +9,9 @@ tensors named
 
 and string metadata: the format tag, the domain, the backbone's shape
 (`LlamaConfig` as JSON), the block layout (`ModeConfig` as JSON), the backbone
-fingerprint (sha256 of its tensors, see sources.fingerprint) and how it was
-trained. `compose` accepts experts trained in separate runs, by other people,
+fingerprint (sha256 of its tensors, see sources.fingerprint), the base model
+(`base_model`: its name, where it came from, fingerprint and tokenizer hash) and how
+it was trained. `compose` accepts experts trained in separate runs, by other people,
 only if every one of them agrees with the backbone in use: a different backbone
 shape or width, block layout, or fingerprint is refused with the field named.
 
@@ -58,6 +59,7 @@ class Expert:
     backbone_fingerprint: str
     training: dict[str, Any]
     path: Path | None = None
+    base: dict[str, Any] | None = None       # sources.Backbone.base (None in files that predate it)
 
     def stage1_model(self, backbone_params: dict) -> dict:
         """The single-expert MoDE param tree around `backbone_params` (ref.mode layout)."""
@@ -67,13 +69,14 @@ class Expert:
 
 
 def from_stage1(params: dict, *, domain: str, llama: LlamaConfig, mode: ModeConfig, fingerprint: str,
-                training: dict[str, Any]) -> Expert:
+                training: dict[str, Any], base: dict[str, Any] | None = None) -> Expert:
     """The expert held by a trained stage-1 model (one expert per block)."""
     blocks = params["blocks"]
     layers = [[{k: np.asarray(v, np.float32) for k, v in layer.items()} for layer in b["experts"][0]]
               for b in blocks]
     gates = [(np.asarray(b["gate_w"], np.float32), np.asarray(b["gate_b"], np.float32)) for b in blocks]
-    return Expert(domain, layers, gates, llama, dataclasses.replace(mode, n_experts=1), fingerprint, training)
+    return Expert(domain, layers, gates, llama, dataclasses.replace(mode, n_experts=1), fingerprint, training,
+                  base=base)
 
 
 def save_expert(path: str | os.PathLike, expert: Expert) -> Path:
@@ -92,6 +95,8 @@ def save_expert(path: str | os.PathLike, expert: Expert) -> Path:
         "backbone_fingerprint": expert.backbone_fingerprint,
         "training": json.dumps(expert.training, sort_keys=True),
     }
+    if expert.base is not None:
+        metadata["base_model"] = json.dumps(expert.base, sort_keys=True)
     return _write_checked(path, tensors, metadata)
 
 
@@ -106,6 +111,7 @@ def load_expert(path: str | os.PathLike) -> Expert:
         mode = ModeConfig(**json.loads(metadata["mode_config"]))
         training = json.loads(metadata.get("training", "{}"))
         domain, fp = metadata["domain"], metadata["backbone_fingerprint"]
+        base = json.loads(metadata["base_model"]) if "base_model" in metadata else None
     except (KeyError, ValueError, TypeError) as err:
         raise ExpertFileError(f"{path}: damaged expert metadata ({type(err).__name__}: {err})") from None
     shapes = layer_shapes(llama)
@@ -123,7 +129,7 @@ def load_expert(path: str | os.PathLike) -> Expert:
     expected = mode.n_blocks * (mode.expert_layers * len(LAYER_KEYS) + 2)
     if len(tensors) != expected:
         raise ExpertFileError(f"{path} holds {len(tensors)} tensors, its metadata implies {expected}")
-    return Expert(domain, layers, gates, llama, mode, fp, training, path)
+    return Expert(domain, layers, gates, llama, mode, fp, training, path, base)
 
 
 def _tensor(tensors: dict, name: str, shape: tuple, path: Path) -> np.ndarray:
@@ -197,10 +203,30 @@ _MODE_FIELDS = {"n_blocks": "block layout (mode_config.n_blocks)",
                 "expert_layers": "block layout (mode_config.expert_layers)"}
 
 
+def describe_base(base: dict[str, Any] | None, fingerprint: str | None = None) -> str:
+    """'NAME (SOURCE, fingerprint ABC..., tokenizer DEF...)' for error messages."""
+    if not base:
+        return f"an unnamed base model (fingerprint {str(fingerprint)[:12]}...)"
+    tok = base.get("tokenizer_hash")
+    return (f"{base.get('name')} ({base.get('source')}, fingerprint {str(base.get('fingerprint'))[:12]}..."
+            f"{f', tokenizer {tok[:12]}...' if tok else ''})")
+
+
+def _same_base(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Equal tensors and tokenizer; a file without a base record is judged by fingerprint alone."""
+    if not a or not b:
+        return True
+    return a.get("fingerprint") == b.get("fingerprint") and a.get("tokenizer_hash") == b.get("tokenizer_hash")
+
+
 def check_compatible(expert: Expert, *, llama: LlamaConfig, mode: ModeConfig, fingerprint: str,
-                     against: str = "this run's backbone") -> None:
-    """Refuse an expert that does not fit (naming the first differing field)."""
+                     against: str = "this run's backbone", base: dict[str, Any] | None = None) -> None:
+    """Refuse an expert that does not fit (naming the first differing field; for another base
+    model, naming both)."""
     where = expert.path or f"expert {expert.domain!r}"
+    if not _same_base(expert.base, base):
+        raise ExpertFileError(f"{where}: base model differs: the expert was trained on "
+                              f"{describe_base(expert.base)}, {against} is {describe_base(base)}")
     for field, label in _LLAMA_FIELDS.items():
         mine, theirs = getattr(expert.llama, field), getattr(llama, field)
         if mine != theirs:
@@ -214,15 +240,23 @@ def check_compatible(expert: Expert, *, llama: LlamaConfig, mode: ModeConfig, fi
                               f"{expert.backbone_fingerprint[:16]}..., {against} is {fingerprint[:16]}...")
 
 
-def load_compatible(paths, *, llama: LlamaConfig, mode: ModeConfig, fingerprint: str) -> list[Expert]:
-    """Load several expert files, each checked against the backbone in use and the others."""
+def load_compatible(paths, *, llama: LlamaConfig, mode: ModeConfig, fingerprint: str,
+                    base: dict[str, Any] | None = None) -> list[Expert]:
+    """Load several expert files, each checked against the others and the backbone in use
+    (`base`: sources.Backbone.base)."""
     experts = [load_expert(p) for p in paths]
     domains = [e.domain for e in experts]
     dup = sorted({d for d in domains if domains.count(d) > 1})
     if dup:
         raise ExpertFileError(f"two experts for the same domain {dup[0]!r}: compose one expert per domain")
+    for a in experts[1:]:
+        first = experts[0]
+        if not _same_base(first.base, a.base):
+            raise ExpertFileError(f"the experts have different base models: {first.path} was trained on "
+                                  f"{describe_base(first.base, first.backbone_fingerprint)}, {a.path} on "
+                                  f"{describe_base(a.base, a.backbone_fingerprint)}")
     for e in experts:
-        check_compatible(e, llama=llama, mode=mode, fingerprint=fingerprint)
+        check_compatible(e, llama=llama, mode=mode, fingerprint=fingerprint, base=base)
     return experts
 
 
@@ -279,8 +313,8 @@ def load_model(path, backbone_params: dict, *, fingerprint: str) -> tuple[dict, 
     info = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "method")}
     if info.get("backbone_fingerprint") != fingerprint:
         raise ExpertFileError(f"{path}: backbone fingerprint differs: the model was trained on "
-                              f"{str(info.get('backbone_fingerprint'))[:16]}..., the backbone in use is "
-                              f"{fingerprint[:16]}...")
+                              f"{describe_base(info.get('base_model'), info.get('backbone_fingerprint'))}, "
+                              f"the backbone in use is {fingerprint[:16]}...")
     part = unflatten(flat)
     params = part if meta["method"] == "full" else {"backbone": backbone_params, **part}
     return params, meta["method"], info

@@ -9,6 +9,17 @@ CLI exits with one line before anything is written.
 
 The resolved config (every key, defaults included) is written into each run
 directory as `config.toml` and can be given back with `--config`.
+
+Defaults that belong to the method (the MoDE layout and gate, LoRA's shape, the
+optimizer's schedule and clipping) are not repeated here: a key left at `None`
+below takes the value of the `mode_jax.ref.config` dataclass field it names
+(`ModeConfig`, `LoraConfig`, `OptimConfig`), filled in when the section is built,
+so ref/config.py is their one source of truth.
+
+Domains are not code either: `domains.targets` and `domains.retention` name
+domains of the data (its manifest lists them; `mode-jax data build --domain`
+makes your own). An empty `targets` means every domain of the data that is not
+a retention domain (`sources.resolve_domains`).
 """
 
 from __future__ import annotations
@@ -22,14 +33,23 @@ from typing import Any
 from mode_jax.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-DOMAINS = ("math", "code", "english")          # the paper's Math + Code targets, English retention
+
+
+def _fill_from_ref(section, ref_class: str, names: dict[str, str]) -> None:
+    """Set each field of `section` that is None to ref.config.<ref_class>'s default for it.
+    Imported here, not at module level, so that the CLI starts without importing jax."""
+    from mode_jax.ref import config as ref_config
+    ref = getattr(ref_config, ref_class)
+    for field, ref_field in names.items():
+        if getattr(section, field) is None:
+            object.__setattr__(section, field, getattr(ref, ref_field))
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     source: str = "smollm2-135m"   # a name from `mode-jax fetch --list`, a .gguf path, or "tiny" (random)
     compute_dtype: str = "float32"  # "bfloat16": backbone and expert matmuls in bf16; gates, master weights f32
-    backend: str = "auto"          # "auto": mode_jax.fast when importable, else the reference; "ref"; "fast"
+    backend: str = "auto"          # "auto" = "fast" (mode_jax.fast); "ref": ref/'s forward (fast/steps.py)
     # fast backend: how a stack of layers is looped over (mode_jax.fast.FastConfig.layer_loop).
     # "auto": a Python loop on GPU (faster steps, longer compiles), scan elsewhere; "scan"; "python".
     layer_loop: str = "auto"
@@ -50,19 +70,28 @@ class DataSection:
 
 @dataclasses.dataclass(frozen=True)
 class ModeSection:
-    n_blocks: int = 3              # paper: 3 blocks x 2 expert layers
-    expert_layers: int = 2
-    expert_init: str = "copy"      # ModeConfig's default (open question; see docs/MODE.md)
-    gate_init: str = "backbone"    # zero weights, bias gate_margin on the backbone column
-    gate_margin: float = 2.0
+    # None: ModeConfig's default (ref/config.py says what each is and why).
+    n_blocks: int | None = None
+    expert_layers: int | None = None
+    expert_init: str | None = None
+    gate_init: str | None = None
+    gate_margin: float | None = None
     stage2_gate_from: str = "stage1"  # "stage1": backbone column averaged, expert columns carried; "fresh"
+
+    def __post_init__(self):
+        _fill_from_ref(self, "ModeConfig", {k: k for k in ("n_blocks", "expert_layers", "expert_init",
+                                                            "gate_init", "gate_margin")})
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSection:
-    rank: int = 16                 # paper's best: rank 16 on the attention projections
-    alpha: float = 32.0
-    targets: str = "attn"
+    # None: LoraConfig's default (the paper's best: rank 16, alpha 32, on the attention projections).
+    rank: int | None = None
+    alpha: float | None = None
+    targets: str | None = None
+
+    def __post_init__(self):
+        _fill_from_ref(self, "LoraConfig", {k: k for k in ("rank", "alpha", "targets")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,25 +100,31 @@ class TrainSection:
     steps: int = 100               # stage 2 and baselines, on the mixture: the same token budget for all
     batch_size: int = 8            # rows per step (a multiple of the number of mixture domains)
     warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
+    min_lr_ratio: float | None = None   # None: OptimConfig's default, as for the next two
+    weight_decay: float | None = None
+    clip_norm: float | None = None
     checkpoint_every: int = 50     # steps between training-state checkpoints (0 = only when stopped early)
     log_every: int = 1             # steps between metrics lines
     seed: int = 0                  # expert / adapter init and the data order
 
+    def __post_init__(self):
+        _fill_from_ref(self, "OptimConfig", {k: k for k in ("min_lr_ratio", "weight_decay", "clip_norm")})
+
 
 @dataclasses.dataclass(frozen=True)
 class LrSection:
-    mode: float = 1e-3             # MoDE experts and gates (the paper's 1e-3)
+    mode: float | None = None      # MoDE experts and gates; None: OptimConfig.learning_rate (the paper's)
     full: float = 1e-4             # full fine-tuning: every backbone weight moves, so a smaller step
-    lora: float = 1e-3
+    lora: float | None = None      # None: OptimConfig.learning_rate
+
+    def __post_init__(self):
+        _fill_from_ref(self, "OptimConfig", {"mode": "learning_rate", "lora": "learning_rate"})
 
 
 @dataclasses.dataclass(frozen=True)
 class DomainsSection:
-    targets: tuple = ("math", "code")   # the mixture stage 2 and the baselines train on
-    retention: tuple = ("english",)     # evaluated, never trained on
+    targets: tuple = ()            # the mixture stage 2 and the baselines train on; () = the data's other domains
+    retention: tuple = ()          # evaluated, never trained on
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "mode": ModeSection, "lora": LoraSection,
@@ -98,13 +133,15 @@ SECTIONS = {"model": ModelSection, "data": DataSection, "mode": ModeSection, "lo
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    model: ModelSection = ModelSection()
-    data: DataSection = DataSection()
-    mode: ModeSection = ModeSection()
-    lora: LoraSection = LoraSection()
-    train: TrainSection = TrainSection()
-    lr: LrSection = LrSection()
-    domains: DomainsSection = DomainsSection()
+    # Factories, not instances: the sections that read ref.config defaults import it when
+    # built, which must not happen at import time (the CLI starts without jax).
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    mode: ModeSection = dataclasses.field(default_factory=ModeSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    lr: LrSection = dataclasses.field(default_factory=LrSection)
+    domains: DomainsSection = dataclasses.field(default_factory=DomainsSection)
 
     def __post_init__(self):
         validate(self)
@@ -162,13 +199,12 @@ def validate(cfg: PipelineConfig) -> None:
     for key, options in CHOICES.items():
         if _get(cfg, key) not in options:
             raise UserError(f"config {key} must be one of {', '.join(options)}, got {_get(cfg, key)!r}")
+    from mode_jax.data.own_sources import NAME_RULE
     for key in ("domains.targets", "domains.retention"):
         for d in _get(cfg, key):
-            if d not in DOMAINS:
-                raise UserError(f"unknown domain {d!r} in config {key}; domains are {', '.join(DOMAINS)}")
-    if not cfg.domains.targets:
-        raise UserError("config domains.targets must name at least one domain")
-    if cfg.train.batch_size % len(cfg.domains.targets):
+            if not isinstance(d, str) or not NAME_RULE.match(d):
+                raise UserError(f"config {key} holds {d!r}, not a domain name (letters, digits, '_', '-')")
+    if cfg.domains.targets and cfg.train.batch_size % len(cfg.domains.targets):
         raise UserError(f"config train.batch_size={cfg.train.batch_size} must be a multiple of the "
                         f"{len(cfg.domains.targets)} target domains (equal rows per domain)")
     if cfg.data.eval_sequences % cfg.data.eval_batch_size:
@@ -182,15 +218,19 @@ def _section(cls, values: dict, name: str):
     if unknown:
         raise UserError(f"unknown config key {name}.{unknown[0]} (known: {', '.join(sorted(fields))})")
     out = {}
+    float_keys = {k for k, _, _, kind in RANGES if kind is float}
     for key, value in values.items():
         default = fields[key].default
+        # A None default (filled from ref.config) has no type to read: RANGES / CHOICES say it.
+        is_float = isinstance(default, float) or f"{name}.{key}" in float_keys
+        is_str = isinstance(default, str) or f"{name}.{key}" in CHOICES
         if isinstance(default, tuple):
             if not isinstance(value, (list, tuple)):
                 raise UserError(f"config {name}.{key} must be a list, got {value!r}")
             value = tuple(value)
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        elif is_float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        elif isinstance(default, str) and not isinstance(value, str):
+        elif is_str and not isinstance(value, str):
             raise UserError(f"config {name}.{key} must be a string, got {value!r}")
         out[key] = value
     return cls(**out)

@@ -49,7 +49,7 @@ class Context:
 
 def check_inputs(cfg: PipelineConfig, domains) -> None:
     """Cheap checks, before anything is loaded or written."""
-    sources.check_domains(domains)
+    sources.check_in_data(cfg, domains)
     if cfg.data.source == "built":
         from mode_jax.data.store import read_manifest, split_entry
         root = sources.data_dir(cfg)
@@ -153,6 +153,7 @@ def _result(ctx: Context, run: RunDir, *, label: str, method: str, params: dict,
               "train_steps": outcome.steps_done if outcome else 0,
               "train_seconds": round(outcome.seconds, 2) if outcome else 0.0,
               "backbone": ctx.backbone.name, "backbone_fingerprint": ctx.backbone.fingerprint,
+              "base_model": ctx.backbone.base,
               "mode_defaults_used": dataclasses.asdict(ctx.cfg.mode), **(extra or {})}
     result.update(evaluate_params(ctx, params, method=method, desc=f"eval {label}"))
     run.write_result(result)
@@ -177,7 +178,7 @@ def train_expert(ctx: Context, run: RunDir, domain: str) -> dict | None:
         return None
     info = _training_info(ctx, "stage1", (domain,), cfg.train.stage1_steps)
     expert = expert_io.from_stage1(out.params, domain=domain, llama=ctx.llama, mode=mode,
-                                   fingerprint=ctx.backbone.fingerprint, training=info)
+                                   fingerprint=ctx.backbone.fingerprint, training=info, base=ctx.backbone.base)
     path = expert_io.save_expert(run.path / f"expert-{domain}.safetensors", expert)
     return _result(ctx, run, label=f"expert-{domain}", method="stage1", params=out.params, outcome=out,
                    extra={"expert_file": path.name, "domain": domain, "routing_columns": ["backbone", domain]})
@@ -227,7 +228,8 @@ def _finish_mixture(ctx, run, label, method, params, domains, lr, extra, lora=No
     if not out.finished:
         return None
     info = {**_training_info(ctx, method, domains, cfg.train.steps), "backbone_fingerprint":
-            ctx.backbone.fingerprint, "lora": dataclasses.asdict(lora) if lora else None, "label": label}
+            ctx.backbone.fingerprint, "lora": dataclasses.asdict(lora) if lora else None, "label": label,
+            "base_model": ctx.backbone.base}
     expert_io.save_model(run.path / "model.safetensors", out.params, method=method, metadata=info)
     cols = ["backbone", *domains] if "blocks" in out.params else None
     return _result(ctx, run, label=label, method=method, params=out.params, outcome=out,
