@@ -14,8 +14,13 @@ What the conversion does, tensor by tensor:
   head so that RoPE rotates adjacent pairs (2i, 2i+1) ("interleaved"); the
   reference, like Hugging Face, rotates dims (i, i + H/2) ("rotate half").
   `unpermute_qk` undoes it.
-* The model shape comes from the `llama.*` metadata keys; a file without an
+* The model shape comes from the `<arch>.*` metadata keys; a file without an
   `output.weight` ties the LM head to the embedding.
+* Architectures `llama` and `qwen2`. Qwen2 files carry `attn_{q,k,v}.bias`
+  tensors and are not permuted (llama.cpp runs Qwen2 with rotate-half RoPE,
+  so its converter leaves q/k rows alone). A Llama 3 file's RoPE frequency
+  scaling is the `rope_freqs.weight` tensor, one divisor per frequency, taken
+  as it is (`LlamaConfig.rope_freq_factors`).
 
 `write_gguf` goes the other way (used by tests to make small files, and to
 export a tree for llama.cpp).
@@ -34,7 +39,7 @@ from mode_jax.atomic import atomic_path
 from mode_jax.errors import UserError
 from mode_jax.integrity import check_finite
 from mode_jax.ref.config import LlamaConfig
-from mode_jax.ref.llama import check_params
+from mode_jax.ref.llama import check_params, rope_freq_factors
 
 
 class ModelFileError(UserError, ValueError):
@@ -43,7 +48,8 @@ class ModelFileError(UserError, ValueError):
     A `UserError`, so the CLI prints it as one line, and a `ValueError` for library callers."""
 
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+ROPE_FREQS = "rope_freqs.weight"
 
 # Weight formats this loader accepts: gguf.quants can dequantize all of these to
 # float32 (F64 is converted directly). Integer tensors and formats gguf cannot
@@ -62,6 +68,7 @@ LAYER_TENSORS = {
     "attn_output": "wo", "ffn_norm": "mlp_norm", "ffn_gate": "w_gate", "ffn_up": "w_up",
     "ffn_down": "w_down",
 }
+BIAS_TENSORS = {"attn_q": "bq", "attn_k": "bk", "attn_v": "bv"}     # qwen2: "blk.{i}.attn_q.bias"
 
 
 def _gguf():
@@ -142,8 +149,10 @@ def _field_value(field, key: str) -> Any:
         raise ModelFileError(f"GGUF metadata field {key!r} is corrupted: {err}") from err
 
 
-def config_from_metadata(meta: Mapping[str, Any], *, vocab_size: int, tie_embeddings: bool) -> LlamaConfig:
-    """A LlamaConfig from GGUF metadata (`<arch>.block_count` etc.)."""
+def config_from_metadata(meta: Mapping[str, Any], *, vocab_size: int, tie_embeddings: bool,
+                         rope_freqs: tuple[float, ...] | None = None) -> LlamaConfig:
+    """A LlamaConfig from GGUF metadata (`<arch>.block_count` etc.); `rope_freqs` is the
+    file's `rope_freqs.weight` tensor, if it has one (Llama 3)."""
     arch = meta.get("general.architecture")
     if arch is None:
         raise ModelFileError("GGUF metadata has no general.architecture")
@@ -162,7 +171,9 @@ def config_from_metadata(meta: Mapping[str, Any], *, vocab_size: int, tie_embedd
     scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise ModelFileError(f"unsupported RoPE scaling {scaling!r} ({arch}.rope.scaling.type): "
-                             "the reference model implements plain RoPE")
+                             "the reference model implements plain RoPE and Llama 3's rope_freqs")
+    if rope_freqs is not None and arch != "llama":
+        raise ModelFileError(f"unsupported: a {ROPE_FREQS} tensor in a {arch!r} file (only llama files have one)")
     d_model, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
     head_dim = int(get("attention.key_length", d_model // n_heads))
     if int(get("attention.value_length", head_dim)) != head_dim:
@@ -178,7 +189,8 @@ def config_from_metadata(meta: Mapping[str, Any], *, vocab_size: int, tie_embedd
             head_dim=head_dim, d_ff=int(get("feed_forward_length")),
             rope_theta=_float32_value(get("rope.freq_base", 10000.0)),
             norm_eps=_float32_value(get("attention.layer_norm_rms_epsilon")),
-            tie_embeddings=bool(tie_embeddings), max_seq_len=int(get("context_length", 2048)))
+            tie_embeddings=bool(tie_embeddings), max_seq_len=int(get("context_length", 2048)),
+            qkv_bias=arch == "qwen2", rope_freq_factors=rope_freqs)
     except (ValueError, TypeError) as err:
         raise ModelFileError(f"GGUF metadata describes an invalid model: {err}") from err
 
@@ -222,8 +234,12 @@ def _expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     out = {"token_embd.weight": (v, d), "output_norm.weight": (d,)}
     if not cfg.tie_embeddings:
         out["output.weight"] = (v, d)
+    if cfg.rope_freq_factors is not None:
+        out[ROPE_FREQS] = (cfg.head_dim // 2,)
     for i in range(cfg.n_layers):
         out.update({f"blk.{i}.{name}.weight": shape for name, shape in per_layer.items()})
+        if cfg.qkv_bias:
+            out.update({f"blk.{i}.{name}.bias": (per_layer[name][0],) for name in BIAS_TENSORS})
     return out
 
 
@@ -257,13 +273,21 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> tuple[dict,
     if "token_embd.weight" not in tensors:
         raise ModelFileError(f"{path}: no tensor 'token_embd.weight' (is this a llama-family model?)")
     vocab_size = _numpy_shape(tensors["token_embd.weight"])[0]
-    cfg = config_from_metadata(meta, vocab_size=vocab_size, tie_embeddings="output.weight" not in tensors)
+    rope_freqs = None
+    if ROPE_FREQS in tensors:
+        if len(_numpy_shape(tensors[ROPE_FREQS])) != 1:
+            raise ModelFileError(f"{path}: tensor {ROPE_FREQS!r} has shape {_numpy_shape(tensors[ROPE_FREQS])}, "
+                                 "expected one divisor per RoPE frequency")
+        rope_freqs = tuple(float(f) for f in _dequantize(tensors[ROPE_FREQS]))
+    cfg = config_from_metadata(meta, vocab_size=vocab_size, tie_embeddings="output.weight" not in tensors,
+                               rope_freqs=rope_freqs)
+    arch = meta["general.architecture"]
 
     expected = _expected_tensors(cfg)
     for name in tensors:
         if name not in expected:
-            raise ModelFileError(f"{path}: unsupported tensor {name!r} (this loader reads plain "
-                                 f"llama weights: no biases, no rope_freqs, no extra modules)")
+            raise ModelFileError(f"{path}: unsupported tensor {name!r} (this loader reads llama and "
+                                 f"qwen2 weights: no other biases, no extra modules)")
     for name, shape in expected.items():
         if name not in tensors:
             raise ModelFileError(f"{path}: tensor {name!r} is missing")
@@ -276,7 +300,7 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> tuple[dict,
             raise ModelFileError(f"{path}: tensor {name!r} has type {kind.name}, which this loader "
                                  f"cannot dequantize (supported: {', '.join(SUPPORTED_TENSOR_TYPES)})")
 
-    bar = _progress_bar(len(expected), f"dequantizing {path.name}", enabled=progress)
+    bar = _progress_bar(len(expected) - (ROPE_FREQS in expected), f"dequantizing {path.name}", enabled=progress)
     try:
         def load(name: str) -> np.ndarray:
             out = _dequantize(tensors[name])
@@ -288,11 +312,13 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> tuple[dict,
             layer = {}
             for gguf_name, key in LAYER_TENSORS.items():
                 w = load(f"blk.{i}.{gguf_name}.weight")
-                if gguf_name == "attn_q":
+                if arch == "llama" and gguf_name == "attn_q":
                     w = unpermute_qk(w, cfg.n_heads)
-                elif gguf_name == "attn_k":
+                elif arch == "llama" and gguf_name == "attn_k":
                     w = unpermute_qk(w, cfg.n_kv_heads)
                 layer[key] = w if w.ndim == 1 else np.ascontiguousarray(w.T)   # [out, in] -> [in, out]
+            if cfg.qkv_bias:
+                layer.update({key: load(f"blk.{i}.{name}.bias") for name, key in BIAS_TENSORS.items()})
             params["layers"].append(layer)
         params["final_norm"] = load("output_norm.weight")
         if not cfg.tie_embeddings:
@@ -324,21 +350,27 @@ def _progress_bar(total: int, desc: str, *, enabled: bool):
 
 def write_gguf(path: str | os.PathLike, params: Mapping, cfg: LlamaConfig, *, tensor_type: str = "F32",
                tokenizer: Mapping[str, Any] | None = None, name: str = "mode-jax") -> Path:
-    """Write a reference param tree as a llama GGUF file (atomically).
+    """Write a reference param tree as a GGUF file (atomically), as llama.cpp's converter
+    would: architecture `qwen2` for a model with q/k/v biases (rows as they are), `llama`
+    otherwise (q/k rows permuted; Llama 3 scaling as a `rope_freqs.weight` tensor).
 
     Matrices are stored as `tensor_type` (any type gguf.quants can quantize: F32,
-    F16, BF16, Q8_0, Q4_0, ...), norms as F32 as llama.cpp does. `tokenizer`, if
-    given, maps `tokenizer.ggml.*` keys (model, pre, tokens, merges, token_type,
+    F16, BF16, Q8_0, Q4_0, ...), norms and biases as F32 as llama.cpp does. `tokenizer`,
+    if given, maps `tokenizer.ggml.*` keys (model, pre, tokens, merges, token_type,
     bos_token_id, eos_token_id, ...) to values written as metadata."""
     gguf = _gguf()
     check_params(params, cfg)
+    arch = "qwen2" if cfg.qkv_bias else "llama"
+    freqs = rope_freq_factors(cfg)
+    if arch == "qwen2" and freqs is not None:
+        raise ValueError("no GGUF architecture holds q/k/v biases and Llama 3 RoPE scaling together")
     try:
         qtype = gguf.GGMLQuantizationType[tensor_type]
     except KeyError:
         raise ValueError(f"unknown GGUF tensor type {tensor_type!r}") from None
     path = Path(path)
     with atomic_path(path) as tmp:
-        w = gguf.GGUFWriter(tmp, "llama")
+        w = gguf.GGUFWriter(tmp, arch)
         w.add_name(name)
         w.add_block_count(cfg.n_layers)
         w.add_context_length(cfg.max_seq_len)
@@ -368,12 +400,17 @@ def write_gguf(path: str | os.PathLike, params: Mapping, cfg: LlamaConfig, *, te
                 a = np.asarray(layer[key], dtype=np.float32)
                 if a.ndim == 2:
                     a = a.T                                                          # [in, out] -> [out, in]
-                if gguf_name == "attn_q":
+                if arch == "llama" and gguf_name == "attn_q":
                     a = permute_qk(a, cfg.n_heads)
-                elif gguf_name == "attn_k":
+                elif arch == "llama" and gguf_name == "attn_k":
                     a = permute_qk(a, cfg.n_kv_heads)
                 add(f"blk.{i}.{gguf_name}.weight", a)
+            for gguf_name, key in BIAS_TENSORS.items():
+                if key in layer:
+                    add(f"blk.{i}.{gguf_name}.bias", layer[key])
         add("output_norm.weight", params["final_norm"])
+        if freqs is not None:
+            add(ROPE_FREQS, np.asarray(freqs, np.float32))
         if not cfg.tie_embeddings:
             add("output.weight", np.asarray(params["lm_head"]).T)                 # [V, D]
         w.write_header_to_file()

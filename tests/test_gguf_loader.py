@@ -16,8 +16,9 @@ import pytest
 from mode_jax.gguf_loader import (LAYER_TENSORS, ModelFileError, load_gguf, permute_qk, read_gguf,
                                   unpermute_qk, write_gguf)
 from mode_jax.errors import UserError
-from mode_jax.ref.config import LlamaConfig
-from mode_jax.ref.llama import apply_rope, init_llama, llama_forward, rope_tables
+from mode_jax.ref.config import LlamaConfig, RopeScaling
+from mode_jax.ref.llama import apply_rope, init_llama, llama_forward, rope_freq_factors, rope_tables
+from tests.tolerances import assert_close
 
 # Q8_0 and friends quantize rows in blocks of 32, so every in-dimension is a multiple of 32.
 CFG = LlamaConfig.tiny(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -351,3 +352,66 @@ def test_every_supported_type_has_a_dequantizer():
         raw = np.zeros((2, 256 // block * size), np.uint8) if block > 1 else np.zeros((2, 256 * size), np.uint8)
         out = gguf.quants.dequantize(raw, qtype)
         assert out.shape == (2, 256) and out.dtype == np.float32, name
+
+
+# ----------------------------------------------------------------------------- other backbones
+# Files from transformers-made models, written the way llama.cpp's converter does, are
+# checked against transformers in tests/test_crosscheck_arch.py.
+
+QWEN2 = LlamaConfig(**{**CFG.__dict__, "qkv_bias": True, "rope_theta": 1e6})
+# original 64: head_dim 8 and theta 1000 put frequencies in all three branches of the rule.
+LLAMA3 = LlamaConfig(**{**CFG.__dict__, "rope_scaling": RopeScaling(original_max_position_embeddings=64)})
+
+
+def test_qwen2_round_trip_keeps_rows_and_biases(tmp_path):
+    params = _params(QWEN2)
+    path = write_gguf(tmp_path / "q.gguf", params, QWEN2, tensor_type="Q8_0")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    raw = {t.name: t for t in reader.tensors}
+    # llama.cpp runs Qwen2 with rotate-half RoPE: its q rows are stored as they are (F32 for the check).
+    f32 = {t.name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist())))
+           for t in gguf.GGUFReader(write_gguf(tmp_path / "f.gguf", params, QWEN2)).tensors}
+    np.testing.assert_array_equal(f32["blk.0.attn_q.weight"], params["layers"][0]["wq"].T)
+    assert raw["blk.1.attn_k.bias"].tensor_type == gguf.GGMLQuantizationType.F32
+    loaded, cfg = read_gguf(path)
+    assert cfg == QWEN2
+    for i, layer in enumerate(params["layers"]):
+        for b in ("bq", "bk", "bv"):
+            np.testing.assert_array_equal(loaded["layers"][i][b], layer[b])     # biases stay F32
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
+    exact, _ = read_gguf(write_gguf(tmp_path / "e.gguf", params, QWEN2))
+    np.testing.assert_array_equal(llama_forward(jax.tree_util.tree_map(jnp.asarray, exact), tokens, cfg),
+                                  llama_forward(jax.tree_util.tree_map(jnp.asarray, params), tokens, QWEN2))
+
+
+def test_llama3_rope_freqs_tensor_round_trip(tmp_path):
+    params = _params(LLAMA3)
+    path = write_gguf(tmp_path / "l3.gguf", params, LLAMA3)
+    table = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}["rope_freqs.weight"]
+    want = np.array(rope_freq_factors(LLAMA3), np.float32)
+    assert want.min() == 1.0 and want.max() == 8.0 and 1.0 < want[1] < 8.0     # all three branches
+    np.testing.assert_array_equal(table, want)
+    loaded, cfg = read_gguf(path)
+    assert cfg.rope_freq_factors == tuple(float(f) for f in want) and cfg.rope_scaling is None
+    assert cfg == LlamaConfig(**{**LLAMA3.__dict__, "rope_scaling": None, "rope_freq_factors": tuple(want)})
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 40)), jnp.int32)
+    jp = jax.tree_util.tree_map(lambda a: 5 * jnp.asarray(a), loaded)        # 5x: RoPE matters
+    want_logits = llama_forward(jp, tokens, LLAMA3)
+    assert_close(llama_forward(jp, tokens, cfg), want_logits)
+    plain = LlamaConfig(**{**LLAMA3.__dict__, "rope_scaling": None})
+    assert np.abs(np.asarray(llama_forward(jp, tokens, plain) - want_logits)).max() > 1e-2
+
+
+def test_other_backbone_file_errors(tmp_path):
+    tensors = {**_raw_tensors(_params(), CFG), "rope_freqs.weight": np.ones(4, np.float32)}
+    with pytest.raises(ModelFileError, match="rope_freqs.weight tensor in a 'qwen2' file"):
+        read_gguf(write_raw(tmp_path / "q.gguf", tensors, arch="qwen2"))
+    tensors["rope_freqs.weight"] = np.ones(3, np.float32)
+    with pytest.raises(ModelFileError, match="rope_freq_factors has 3 entries, head_dim=8 needs 4"):
+        read_gguf(write_raw(tmp_path / "l.gguf", tensors))
+    qwen = _raw_tensors(_params(QWEN2), QWEN2)      # no biases: a qwen2 file needs them
+    with pytest.raises(ModelFileError, match=r"'blk\.0\.attn_q\.bias' is missing"):
+        read_gguf(write_raw(tmp_path / "n.gguf", qwen, arch="qwen2"))
+    with pytest.raises(ValueError, match="biases and Llama 3 RoPE scaling"):
+        write_gguf(tmp_path / "x.gguf", _params(QWEN2), LlamaConfig(**{**QWEN2.__dict__, "rope_scaling": RopeScaling()}))
