@@ -55,3 +55,32 @@ def tensor_data_start(path: Path) -> int:
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
     return 8 + header_len
+
+
+def kill_after_checkpoint(procs, run_dir: Path, step: int, *, timeout: float = 240.0) -> None:
+    """SIGKILL `procs[0]` (a training command run with --throttle) once its step-`step`
+    checkpoint exists and a later step has been logged after it, so a resumed run must
+    both restore the state and drop the lines logged past the checkpoint. Every process
+    in `procs` must still be running until then; the others are left to the caller."""
+    import json
+    import signal
+    import time
+
+    from mode_jax.pipeline import checkpoint
+
+    ckpt, metrics = run_dir / "checkpoints" / f"step-{step:08d}", run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ckpt.is_dir() and metrics.exists():
+            logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.strip()]
+            if max(logged) > step:
+                break
+        for p in procs:
+            assert p.poll() is None, f"a training process ended early (exit {p.returncode})"
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the run never reached its step-{step} checkpoint in {timeout} s")
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(timeout=30)
+    assert procs[0].returncode == -signal.SIGKILL
+    assert checkpoint.latest(run_dir / "checkpoints") == ckpt

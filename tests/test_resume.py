@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+
+from mode_jax.pipeline import checkpoint
+from tests.helpers import kill_after_checkpoint
 
 STEPS = 6
 ARGS = ["--preset", "smoke", "--quiet", "--set", "train.checkpoint_every=2"]
@@ -50,22 +51,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, kind):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(kind, killed, "--throttle", "0.4"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = killed / "checkpoints" / "step-00000004.npz"
-    deadline = time.time() + 240
-    # Kill once the step-4 checkpoint exists and step 5 has been logged after it, so the
-    # resumed run must both restore state and drop the lines logged past the checkpoint.
-    while time.time() < deadline:
-        if ckpt.exists() and (killed / "metrics.jsonl").exists() and \
-                max(json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()) >= 5:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("the run never reached its step-4 checkpoint")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_after_checkpoint([proc], killed, 4)
     assert not (killed / "result.json").exists()
     logged = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert max(logged) < STEPS
@@ -94,16 +80,10 @@ def test_time_limit_stops_cleanly_and_resume_finishes_identically(tmp_path):
                            timeout=300, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "time limit" in first.stderr and not (split / "result.json").exists()
-    stopped_at = json.loads(load_meta(split))["step"]
+    stopped_at = checkpoint.read_meta(checkpoint.latest(split / "checkpoints"))["step"]
     assert 0 <= stopped_at < STEPS
     subprocess.run(_cmd("train-expert", split, "--resume"), check=True, env=env, timeout=300)
     assert _curve(split) == _curve(straight)
     a, b = _weights(straight, "train-expert"), _weights(split, "train-expert")
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
-
-def load_meta(run_dir) -> str:
-    from mode_jax.pipeline import checkpoint
-    path = checkpoint.latest(run_dir / "checkpoints")
-    with np.load(path) as data:
-        return bytes(data["__meta__"]).decode()

@@ -24,3 +24,10 @@ def assert_close(actual, expected, dtype=None, scale=1.0, err_msg=""):
     tol = TOL[dtype]
     np.testing.assert_allclose(actual, expected, rtol=tol["rtol"] * scale, atol=tol["atol"] * scale,
                                err_msg=err_msg)
+
+
+# Monte Carlo estimates (bootstrap standard errors from ~4k-20k replicates) against their exact
+# or analytic values: the estimate of a standard deviation from B replicates has relative error
+# ~1/sqrt(2B), 0.5-1.1% here; 5% leaves room for that and for O(1/C) finite-sample terms.
+# Use as np.testing.assert_allclose(estimate, exact, **MONTE_CARLO) (fails on NaN).
+MONTE_CARLO = dict(rtol=0.05, atol=0.0)

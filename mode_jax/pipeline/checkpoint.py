@@ -1,64 +1,84 @@
-"""Training-state checkpoints: written atomically, read back exactly.
+"""Training-state checkpoints with orbax-checkpoint: atomic, sharded, restorable onto
+another layout.
 
-A checkpoint is one `.npz` file `<run>/checkpoints/step-XXXXXXXX.npz` holding
+A checkpoint is the directory `<run>/checkpoints/step-XXXXXXXX/` (the state after that
+many steps), written by orbax:
 
-  * every trainable parameter (float32 master weights) and the optimizer state
-    (AdamW moments and step count), named by their pytree path;
-  * `__meta__`: JSON with the step, the data position (the mixture sampler is a
-    pure function of the step, so the step *is* the position), the PRNG key the
-    run was started from, and the number of tokens seen.
+  * `state/`: every trainable parameter (float32 master weights) and the optimizer
+    state. Each array is written by the processes that hold its shards (tensorstore),
+    so nothing is gathered on one process: a multi-host run checkpoints as it trains.
+  * `meta/`: JSON with the step, the data position (the mixture sampler is a pure
+    function of the step, so the step *is* the position), the seed and PRNG key the run
+    started from, the tokens seen and the phase.
 
-It is written to a temporary name, fsynced and renamed (mode_jax.atomic), so a
-run killed at any instant leaves either the previous checkpoint or the new one,
-never half of one; older checkpoints are removed only after the new one is in
-place. Restoring fills the arrays into a freshly initialised state of the same
-structure (checked leaf by leaf), so the resumed run is bit-identical to one
-that never stopped.
+Orbax writes into a temporary directory and renames it once every process is done, so
+a run killed at any instant leaves the previous checkpoint or the new one, never half
+of one; older checkpoints (and a killed save's temporary directory) are removed only
+after the new one is in place. Restoring reads every array straight into the shardings
+of the resuming run's own freshly initialised state, so a run checkpointed on
+`--mesh dp=4,fsdp=2` resumes on `--mesh fsdp=8` or on one device, bit-identical to a
+run that never stopped, as long as the state has the same tree (checked by orbax:
+names and shapes, with a one-line error otherwise).
 """
 
 from __future__ import annotations
 
-import json
 import re
-import zipfile
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from mode_jax.atomic import atomic_path
 from mode_jax.errors import UserError
 
-_NAME = re.compile(r"^step-(\d{8})\.npz$")
+_NAME = re.compile(r"^step-(\d{8})$")
 
 
-def _flat(tree) -> list[tuple[str, Any]]:
-    return [(jax.tree_util.keystr(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+def _checkpointer():
+    import orbax.checkpoint as ocp
+    return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
 def save(directory: str | Path, *, step: int, trainable, opt_state, meta: dict[str, Any], keep: int = 1) -> Path:
-    """Write the state after `step` completed steps; keep the newest `keep` files."""
-    directory = Path(directory)
-    arrays = {f"trainable{k}": np.asarray(v) for k, v in _flat(trainable)}
-    arrays.update({f"opt{k}": np.asarray(v) for k, v in _flat(opt_state)})
-    meta = {**meta, "step": int(step)}
-    arrays["__meta__"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-    path = directory / f"step-{step:08d}.npz"
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:   # a file object: np.savez(path) would append .npz to the temp name
-            np.savez(f, **arrays)
-    for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
+    """Write the state after `step` completed steps; keep the newest `keep` checkpoints.
+    Every process calls it (orbax synchronises them); only process 0 deletes."""
+    directory = Path(directory).absolute()
+    path = directory / f"step-{step:08d}"
+    if not path.is_dir():       # already there: a run resumed from it and stopped again at once
+        directory.mkdir(parents=True, exist_ok=True)
+        ocp, ckpt = _checkpointer()
+        with ckpt:
+            ckpt.save(path, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"trainable": trainable, "opt": opt_state}),
+                meta=ocp.args.JsonSave({**meta, "step": int(step)})))
+    if jax.process_index() == 0:
+        kept = set(list_checkpoints(directory)[-keep:])
+        for old in directory.iterdir():
+            if old not in kept:
+                _remove(old)
     return path
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def delete_all(directory: str | Path) -> None:
+    """Remove the checkpoints directory (a phase whose artifact is written needs none)."""
+    if jax.process_index() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    directory = Path(directory)
+    """Finished checkpoints, oldest first (a killed save's temporary directory is not one)."""
+    directory = Path(directory).absolute()
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+    return sorted(p for p in directory.iterdir() if _NAME.match(p.name) and p.is_dir())
 
 
 def step_of(path: str | Path) -> int:
@@ -71,33 +91,27 @@ def latest(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's metadata alone (step, tokens_seen, data_position, seed, ...)."""
+    ocp, ckpt = _checkpointer()
+    with ckpt:
+        return dict(ckpt.restore(Path(path).absolute(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
 def restore(path: str | Path, *, trainable_template, opt_template) -> tuple[Any, Any, dict[str, Any]]:
-    """(trainable, opt_state, meta) from `path`, shaped like the templates (jax arrays)."""
-    path = Path(path)
+    """(trainable, opt_state, meta) from `path`, each array read into the shape, dtype and
+    sharding of the template's leaf (the resuming run's own initial state)."""
+    path = Path(path).absolute()
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        {"trainable": trainable_template, "opt": opt_template})
+    ocp, ckpt = _checkpointer()
     try:
-        with np.load(path, allow_pickle=False) as data:
-            stored = {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise UserError(f"checkpoint {path} cannot be read ({err}); delete it to resume from an earlier one") from None
-    meta = json.loads(bytes(stored.pop("__meta__")).decode())
-
-    def fill(prefix: str, template):
-        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(template)
-        out = []
-        for p, leaf in leaves_with_path:
-            key = prefix + jax.tree_util.keystr(p)
-            if key not in stored:
-                raise UserError(f"checkpoint {path} lacks {key}: it is from another method or config")
-            arr = stored.pop(key)
-            if arr.shape != tuple(leaf.shape) or arr.dtype != np.dtype(leaf.dtype):
-                raise UserError(f"checkpoint {path}: {key} is {arr.dtype}{list(arr.shape)}, the run expects "
-                                f"{np.dtype(leaf.dtype)}{list(leaf.shape)}")
-            out.append(jnp.asarray(arr))
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    trainable = fill("trainable", trainable_template)
-    opt_state = fill("opt", opt_template)
-    if stored:
-        raise UserError(f"checkpoint {path} has entries this run does not know ({next(iter(stored))}): "
-                        f"it is from another method or config")
-    return trainable, opt_state, meta
+        with ckpt:
+            out = ckpt.restore(path, args=ocp.args.Composite(state=ocp.args.StandardRestore(like),
+                                                              meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        why = " ".join(str(err).split())[:400]
+        raise UserError(f"checkpoint {path} does not fit this run's training state ({why}): it is from another "
+                        f"method, config or state layout; delete it to start the phase again") from None
+    state = out["state"]
+    return state["trainable"], state["opt"], dict(out["meta"])

@@ -90,7 +90,11 @@ def _ref_eval_step(params, tokens, *, cfg, lora):
     else:
         logits = apply(params, inputs, cfg, lora)
     m = next_token_metrics(logits, targets)
-    return {"loss": m["loss"], "accuracy": m["accuracy"], "routing": routing}
+    # Per token, for per-row / per-document results (intervals, paired comparisons).
+    logits32 = logits.astype(jnp.float32)
+    nll = jax.nn.logsumexp(logits32, axis=-1) - jnp.take_along_axis(logits32, targets[..., None], axis=-1)[..., 0]
+    return {"loss": m["loss"], "accuracy": m["accuracy"], "routing": routing,
+            "token_correct": jnp.argmax(logits32, axis=-1) == targets, "token_nll": nll}       # [B, T] each
 
 
 def fast_available() -> bool:
@@ -158,8 +162,31 @@ def _fast_eval_step(params, tokens, *, cfg, lora, fast):
         h = fast_model.hidden(params, inputs, cfg, fast, lora)
     backbone = params["backbone"]
     hn = fast_model.final_norm(backbone, h, cfg)
-    m = fast_loss.next_token_metrics(hn, fast_model.head_weight(backbone, cfg), targets, chunk=fast.loss_chunk)
-    return {"loss": m["loss"], "accuracy": m["accuracy"], "routing": routing}
+    w = fast_model.head_weight(backbone, cfg)
+    m = fast_loss.next_token_metrics(hn, w, targets, chunk=fast.loss_chunk)
+    correct, nll = _fast_token_stats(hn, w, targets, chunk=fast.loss_chunk)
+    return {"loss": m["loss"], "accuracy": m["accuracy"], "routing": routing,
+            "token_correct": correct, "token_nll": nll}
+
+
+def _fast_token_stats(hn, w, targets, *, chunk: int):
+    """Per-token argmax == target and NLL [B, T] of logits = hn @ w.T, one chunk of logits at a
+    time (as fast.loss, whose chunking and compute-dtype argmax this reuses, so the counts add
+    up to its accuracy)."""
+    from mode_jax.fast import loss as fast_loss
+
+    hc, tc, _, n = fast_loss._chunks(hn, targets, jnp.ones(targets.shape, jnp.float32), chunk)
+    wc = w.astype(hn.dtype)
+
+    def body(_, xs):
+        h_c, t_c = xs
+        logits = fast_loss._chunk_logits(h_c, wc)                                  # [C, V]
+        l32 = logits.astype(jnp.float32)
+        nll = jax.nn.logsumexp(l32, axis=-1) - jnp.take_along_axis(l32, t_c[:, None], axis=-1)[:, 0]
+        return None, (jnp.argmax(logits, axis=-1) == t_c, nll)
+
+    _, (correct, nll) = jax.lax.scan(body, None, (hc, tc))
+    return correct.reshape(-1)[:n].reshape(targets.shape), nll.reshape(-1)[:n].reshape(targets.shape)
 
 
 def _bar_interval() -> float:
@@ -268,9 +295,16 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
 
 
 def evaluate(steps: Steps, params: dict, eval_sets: dict[str, np.ndarray], *, batch_size: int,
-             progress: bool = True, desc: str = "eval") -> dict[str, dict[str, Any]]:
+             progress: bool = True, desc: str = "eval", separator: int | None = None,
+             documents: dict[str, tuple[np.ndarray, str]] | None = None) -> dict[str, dict[str, Any]]:
     """Per domain: mean next-token loss and accuracy over its eval rows (all batches the same
-    size, so the mean of batch means is the token mean), and routing [n_blocks][E] for MoDE."""
+    size, so the mean of batch means is the token mean), and routing [n_blocks][E] for MoDE.
+
+    Besides, the counts intervals and paired comparisons need (mode_jax/pipeline/stats.py),
+    with targets equal to `separator` (the EOS between packed documents) left out:
+    `per_row` {correct, tokens, nll} per eval row, `per_document` {unit, ids, correct, tokens}
+    per test document (`documents[domain]` = (document id of every target [n, T], unit);
+    without it each row is its own unit), and `accuracy_content` (their pooled accuracy)."""
     from tqdm.auto import tqdm
 
     total = sum(rows.shape[0] // batch_size for rows in eval_sets.values())
@@ -279,11 +313,13 @@ def evaluate(steps: Steps, params: dict, eval_sets: dict[str, np.ndarray], *, ba
     with tqdm(total=total, desc=desc, unit="batch", disable=not progress, leave=False,
               mininterval=_bar_interval()) as bar:
         for domain, rows in eval_sets.items():
-            losses, accs, routes = [], [], []
+            losses, accs, routes, correct, nll = [], [], [], [], []
             for i in range(0, rows.shape[0], batch_size):
                 m = steps.eval_step(params, jnp.asarray(rows[i:i + batch_size]))
                 losses.append(float(m["loss"]))
                 accs.append(float(m["accuracy"]))
+                correct.append(np.asarray(m["token_correct"], bool))
+                nll.append(np.asarray(m["token_nll"], np.float64))
                 if m["routing"] is not None:
                     routes.append(np.asarray(m["routing"], np.float64))
                 bar.update(1)
@@ -291,4 +327,23 @@ def evaluate(steps: Steps, params: dict, eval_sets: dict[str, np.ndarray], *, ba
                            "tokens": int(rows.shape[0] * (rows.shape[1] - 1))}
             if routes:
                 out[domain]["routing"] = np.mean(routes, axis=0).round(6).tolist()
+            out[domain].update(_unit_counts(rows, np.concatenate(correct), np.concatenate(nll), separator,
+                                            (documents or {}).get(domain)))
     return out
+
+
+def _unit_counts(rows, correct, nll, separator, documents) -> dict[str, Any]:
+    """Correct and counted targets per row and per document (separator targets excluded)."""
+    targets = np.asarray(rows)[:, 1:]                                          # [n, T]
+    keep = np.ones(targets.shape, bool) if separator is None else targets != separator
+    ids, unit = documents if documents is not None else (
+        np.repeat(np.arange(targets.shape[0])[:, None], targets.shape[1], axis=1), "row")
+    uniq, inverse = np.unique(ids[keep], return_inverse=True)
+    doc_correct = np.bincount(inverse, weights=correct[keep], minlength=uniq.size)
+    doc_tokens = np.bincount(inverse, minlength=uniq.size)
+    counted = int(keep.sum())
+    return {"accuracy_content": float((correct & keep).sum() / max(counted, 1)), "separator": separator,
+            "per_row": {"correct": (correct & keep).sum(axis=1).tolist(), "tokens": keep.sum(axis=1).tolist(),
+                        "nll": np.where(keep, nll, 0.0).sum(axis=1).round(6).tolist()},
+            "per_document": {"unit": unit, "ids": uniq.tolist(), "correct": doc_correct.astype(int).tolist(),
+                             "tokens": doc_tokens.tolist()}}

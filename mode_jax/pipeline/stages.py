@@ -41,6 +41,8 @@ class Context:
     deadline: float | None = None        # time.time() after which training stops (resumable)
     throttle: float = 0.0                # seconds to sleep after each step (tests of kill/resume)
     parallelism: Any = None              # mode_jax.distributed.Parallelism (--mesh / --placement) or None
+    separator: int | None = None         # the EOS between packed documents (left out of per-unit counts)
+    eval_documents: dict | None = None   # domain -> (document id of every eval target [n, T], unit)
 
     @property
     def llama(self):
@@ -69,7 +71,11 @@ def prepare(cfg: PipelineConfig, domains=None, *, progress: bool = True) -> Cont
     backbone = sources.load_backbone(cfg, data.vocab_size, progress=progress)
     eval_sets = {d: sources.eval_rows(data.test[d], cfg.data.seq_len, cfg.data.eval_sequences, domain=d)
                  for d in cfg.eval_domains}
-    return Context(cfg, backbone, data, eval_sets, progress)
+    from mode_jax.pipeline import eval_units
+    separator = eval_units.separator_id(cfg)
+    documents = {d: eval_units.document_ids(data.test[d], rows, cfg.data.seq_len, separator)
+                 for d, rows in eval_sets.items()}
+    return Context(cfg, backbone, data, eval_sets, progress, separator=separator, eval_documents=documents)
 
 
 def optim(cfg: PipelineConfig, lr: float, steps: int) -> OptimConfig:
@@ -140,7 +146,8 @@ def evaluate_params(ctx: Context, params: dict, *, method: str, desc: str) -> di
                               expert_layers=ctx.cfg.mode.expert_layers, layer_loop=ctx.cfg.model.layer_loop)
     start = time.perf_counter()
     per_domain = engine.evaluate(steps, params, ctx.eval_sets, batch_size=ctx.cfg.data.eval_batch_size,
-                                 progress=ctx.progress, desc=desc)
+                                 progress=ctx.progress, desc=desc, separator=ctx.separator,
+                                 documents=ctx.eval_documents)
     return {"domains": per_domain, "eval_seconds": round(time.perf_counter() - start, 2),
             "backend": steps.backend}
 

@@ -1,0 +1,87 @@
+"""Orbax checkpoints (mode_jax/pipeline/checkpoint.py) on the 8 forced CPU devices.
+
+* checkpoint.save/restore: arrays sharded over a dp=4,fsdp=2 mesh come back bit-equal on
+  an fsdp=8 mesh and on one device, with the target's shardings; a killed save's
+  temporary directory is never taken for a checkpoint and is cleaned by the next save;
+  a checkpoint that does not fit the run is a one-line error.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mode_jax.errors import UserError
+from mode_jax.pipeline import checkpoint
+
+META = {"phase": "p", "tokens_seen": 512, "data_position": 4, "seed": 3}
+
+
+def _state(sharding_2d, sharding_1d, sharding_0d):
+    """A trainable tree and an optimizer-like state with None placeholders (frozen parts)
+    and a scalar count, laid out with the given shardings."""
+    w = jax.random.normal(jax.random.key(1), (8, 16))
+    b = jax.random.normal(jax.random.key(2), (8,))
+    trainable = {"blocks": {"w": jax.device_put(w, sharding_2d), "b": jax.device_put(b, sharding_1d)},
+                 "backbone": None}
+    opt = {"mu": {"blocks": {"w": jax.device_put(w * 0.5, sharding_2d), "b": jax.device_put(b - 1, sharding_1d)},
+                  "backbone": None},
+           "count": jax.device_put(jnp.int32(4), sharding_0d)}
+    return trainable, opt
+
+
+def test_sharded_save_restores_on_other_layouts(tmp_path):
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((4, 2), ("dp", "fsdp"))
+    trainable, opt = _state(NamedSharding(mesh, P("dp", "fsdp")), NamedSharding(mesh, P("fsdp")),
+                            NamedSharding(mesh, P()))
+    path = checkpoint.save(tmp_path, step=4, trainable=trainable, opt_state=opt, meta=META)
+    assert checkpoint.latest(tmp_path) == path and checkpoint.step_of(path) == 4
+    assert checkpoint.read_meta(path) == {**META, "step": 4}
+
+    fsdp8 = jax.make_mesh((8,), ("fsdp",))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[3])
+    for shardings in [(NamedSharding(fsdp8, P(None, "fsdp")), NamedSharding(fsdp8, P("fsdp")),
+                       NamedSharding(fsdp8, P())), (one, one, one)]:
+        t_like, o_like = _state(*shardings)
+        t_like, o_like = jax.tree.map(jnp.zeros_like, (t_like, o_like))     # only shapes and shardings count
+        t, o, meta = checkpoint.restore(path, trainable_template=t_like, opt_template=o_like)
+        assert meta == {**META, "step": 4}
+        assert t["backbone"] is None and o["mu"]["backbone"] is None
+        for got, want, like in zip(jax.tree.leaves((t, o)), jax.tree.leaves((trainable, opt)),
+                                   jax.tree.leaves((t_like, o_like))):
+            assert got.sharding == like.sharding
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_killed_save_is_ignored_and_only_the_newest_is_kept(tmp_path):
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    trainable, opt = _state(one, one, one)
+    checkpoint.save(tmp_path, step=2, trainable=trainable, opt_state=opt, meta=META)
+    # What a save killed mid-write leaves: orbax's temporary directory, never renamed.
+    tmp = tmp_path / "step-00000004.orbax-checkpoint-tmp-1234"
+    (tmp / "state").mkdir(parents=True)
+    assert [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(tmp_path)] == [2]
+    doubled = jax.tree.map(lambda x: x * 2, trainable)
+    newest = checkpoint.save(tmp_path, step=4, trainable=doubled, opt_state=opt, meta=META)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+    t, _, _ = checkpoint.restore(newest, trainable_template=trainable, opt_template=opt)
+    np.testing.assert_array_equal(np.asarray(t["blocks"]["w"]), 2 * np.asarray(trainable["blocks"]["w"]))
+
+
+def test_checkpoint_of_another_state_is_refused(tmp_path):
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    trainable, opt = _state(one, one, one)
+    path = checkpoint.save(tmp_path, step=2, trainable=trainable, opt_state=opt, meta=META)
+    wider = {**trainable, "blocks": {**trainable["blocks"], "w": jnp.zeros((8, 32))}}
+    extra = {**trainable, "gates": jnp.zeros(3)}
+    for t_like in (wider, extra):
+        with pytest.raises(UserError, match="does not fit this run's training state") as err:
+            checkpoint.restore(path, trainable_template=t_like, opt_template=opt)
+        assert "\n" not in str(err.value)
+
