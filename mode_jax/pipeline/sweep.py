@@ -1,0 +1,226 @@
+"""`mode-jax sweep GRID.toml`: a grid of runs (methods x settings x seeds) in one process.
+
+A grid file (docs/sweep.md) names a base config, the seeds, and cells:
+
+    [sweep]
+    base = "gpu"                       # a preset (configs/NAME.toml) or a TOML config file
+    seeds = [0, 1, 2]                  # every cell runs once per seed (train.seed)
+    baseline = "full"                  # the cell the report compares the others with (paired)
+    set = { "train.steps" = 2000 }     # overrides for every cell (optional)
+
+    [[sweep.cell]]
+    method = "full"                    # backbone, full, lora, uninit, mode, mode-frozen
+    lr = [1e-3, 5e-5]                  # a list is an axis; `lr` = this method's lr key
+    "train.steps" = 400                # any config key, "section.key"
+
+Each (cell, axis values, seed) is one run with a resolved config; its identity is a hash
+of its method and resolved config. A finished run is appended, as one strict-JSON line
+with its config and its per-row / per-document results, to `<out>/results.jsonl`
+(rewritten whole under a temporary name, so a kill never leaves half a line); on
+the next call with the same --out, runs already there are skipped and an interrupted
+one continues from its last checkpoint. Everything is checked before anything runs.
+
+Compiled steps are reused across runs whose shapes and static configs match (jit's
+own cache: the step functions take hashable configs), and, across processes, through
+JAX's persistent compilation cache, which the command turns on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mode_jax.atomic import write_text_atomic
+from mode_jax.errors import UserError
+from mode_jax.integrity import strict_json
+from mode_jax.pipeline import presets
+
+METHODS = ("backbone", "full", "lora", "uninit", "mode", "mode-frozen")
+LR_KEY = {"full": "lr.full", "lora": "lr.lora", "uninit": "lr.mode", "mode": "lr.mode", "mode-frozen": "lr.mode"}
+SWEEP_KEYS = {"base", "seeds", "baseline", "set", "cell"}
+RESULTS = "results.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    name: str                      # the cell's group in the report: method + its axis values
+    method: str
+    seed: int
+    settings: tuple                # ((key, value), ...) that vary within the grid cell, seed excluded
+    cfg: presets.PipelineConfig
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps({"method": self.method, "config": self.cfg.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    cells: tuple[Cell, ...]
+    baseline: str | None
+    path: Path
+
+
+def _flatten(table: dict, where: str) -> dict[str, Any]:
+    """{"train": {"steps": 8}} (TOML `train.steps = 8`) and {"train.steps": 8} -> {"train.steps": 8}."""
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                if isinstance(v, dict):
+                    raise UserError(f"{where}: {key}.{sub} nests too deep (keys are section.key)")
+                out[f"{key}.{sub}"] = v
+        else:
+            out[key] = value
+    return out
+
+
+def _is_list_key(key: str) -> bool:
+    section, name = key.split(".")
+    return isinstance(getattr(presets.SECTIONS[section](), name), tuple)
+
+
+def _check_key(key: str, where: str) -> None:
+    section, _, name = key.partition(".")
+    if section not in presets.SECTIONS or not name or "." in name or \
+            name not in {f.name for f in dataclasses.fields(presets.SECTIONS[section])}:
+        raise UserError(f"{where}: unknown key {key!r} (cell keys: name, method, lr, or a config key "
+                        f"section.key, e.g. train.steps)")
+
+
+def _axes(cell: dict[str, Any], where: str) -> list[tuple[str, list]]:
+    """(key, values) per key; a list is an axis of values (a list of lists for list-valued keys)."""
+    out = []
+    for key, value in cell.items():
+        listy = isinstance(value, list) and (not _is_list_key(key) or (value and isinstance(value[0], list)))
+        if listy and not value:
+            raise UserError(f"{where}: {key} is an empty axis (give at least one value)")
+        out.append((key, list(value) if listy else [value]))
+    return out
+
+
+def _merge(base: dict, overrides: dict[str, Any]) -> dict:
+    data = {k: dict(v) for k, v in base.items()}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        data.setdefault(section, {})[name] = value
+    return data
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Parse and expand a grid file; every run's config is built (so range-checked) here.
+    Raises UserError (one line) for an unknown key, a bad value or an empty axis."""
+    path = Path(path)
+    doc = presets.read_toml(path)
+    where = str(path)
+    if set(doc) != {"sweep"}:
+        extra = sorted(set(doc) - {"sweep"})
+        raise UserError(f"{where}: the grid is one [sweep] table" + (f"; unknown table [{extra[0]}]" if extra else ""))
+    sweep = doc["sweep"]
+    unknown = sorted(set(sweep) - SWEEP_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown key sweep.{unknown[0]} (known: {', '.join(sorted(SWEEP_KEYS))})")
+    if "base" not in sweep or not isinstance(sweep["base"], str):
+        raise UserError(f"{where}: sweep.base must name a preset or a config file")
+    base_name = sweep["base"]
+    base_file = (path.parent / base_name) if base_name.endswith(".toml") else None
+    if base_file is not None and not base_file.is_file():
+        base_file = Path(base_name)
+    base = presets.read_toml(base_file) if base_file is not None else presets.read_toml(presets.preset_path(base_name))
+    seeds = sweep.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds:
+        raise UserError(f"{where}: sweep.seeds is an empty axis (give at least one seed)")
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UserError(f"{where}: sweep.seeds must be distinct integers >= 0, got {seeds}")
+    common = _flatten(sweep.get("set", {}), f"{where} sweep.set")
+    for key in common:
+        _check_key(key, f"{where} sweep.set")
+    specs = sweep.get("cell", [])
+    if not isinstance(specs, list) or not specs:
+        raise UserError(f"{where}: no [[sweep.cell]] (the grid has no runs)")
+    cells, seen = [], {}
+    for i, spec in enumerate(specs):
+        cells += _expand(spec, f"{where} cell {i + 1}", base, common, seeds, seen)
+    names = {c.name for c in cells}
+    baseline = sweep.get("baseline")
+    if baseline is not None and baseline not in names:
+        raise UserError(f"{where}: sweep.baseline {baseline!r} is not a cell name (names: {', '.join(sorted(names))})")
+    return Grid(tuple(cells), baseline, path)
+
+
+def _expand(spec: dict, where: str, base: dict, common: dict, seeds: list, seen: dict) -> list[Cell]:
+    spec = _flatten(dict(spec), where)
+    method = spec.pop("method", None)
+    if method not in METHODS:
+        raise UserError(f"{where}: method must be one of {', '.join(METHODS)}, got {method!r}")
+    name = spec.pop("name", None)
+    if name is not None and not isinstance(name, str):
+        raise UserError(f"{where}: name must be a string, got {name!r}")
+    if "lr" in spec:
+        if method not in LR_KEY:
+            raise UserError(f"{where}: method {method} trains nothing, so it takes no lr")
+        spec[LR_KEY[method]] = spec.pop("lr")
+    for key in spec:
+        _check_key(key, where)
+        if key == "train.seed":
+            raise UserError(f"{where}: seeds come from sweep.seeds, not train.seed")
+    axes = _axes(spec, where)
+    varying = [k for k, values in axes if len(values) > 1]
+    out = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        settings = dict(zip([k for k, _ in axes], combo))
+        label = name or method
+        if varying:
+            # "lr=0.001" for the method's lr key, else the key's own name ("steps=400")
+            label += " " + " ".join(f"{'lr' if k.startswith('lr.') else k.split('.')[1]}={_fmt(settings[k])}"
+                                    for k in varying)
+        for seed in seeds:
+            data = _merge(base, {**common, **settings, "train.seed": seed})
+            try:
+                cfg = presets.from_dict(data)
+            except UserError as err:
+                raise UserError(f"{where}: {err}") from None
+            cell = Cell(label, method, seed, tuple((k, settings[k]) for k in varying), cfg)
+            if cell.id in seen:
+                raise UserError(f"{where}: {label} (seed {seed}) is the same run as {seen[cell.id]}")
+            seen[cell.id] = f"{label} (seed {seed})"
+            out.append(cell)
+    return out
+
+
+# ----------------------------------------------------------------------------- results file
+
+def read_results(out: Path) -> list[dict]:
+    """The finished runs in <out>/results.jsonl (a line that does not parse is ignored)."""
+    path = Path(out) / RESULTS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def append_result(out: Path, record: dict) -> None:
+    """Add one line to results.jsonl: the whole file is rewritten under a temporary name and
+    renamed, so a reader (or a kill) sees either the old file or the new one."""
+    path = Path(out) / RESULTS
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    write_text_atomic(path, old + strict_json(record, sort_keys=True) + "\n")

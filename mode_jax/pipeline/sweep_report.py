@@ -1,0 +1,178 @@
+"""`mode-jax sweep report DIR`: a sweep's results.jsonl -> table.md, table.json and plots.
+
+Per cell name (a method with its settings) and evaluation domain: the accuracy (mean over
+seeds of the pooled accuracy on the test set, document separators left out) with a 95%
+bootstrap interval over seeds and test documents (stats.bootstrap_accuracy); and, against
+a baseline cell, the paired difference (same seeds, same documents) with its interval and
+whether it excludes zero (stats.paired_difference).
+
+    table.md / table.json    the two tables
+    accuracy.png             accuracy per domain and cell, with the intervals as error bars
+    differences.png          paired differences against the baseline, with their intervals
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mode_jax.atomic import write_text_atomic
+from mode_jax.errors import UserError
+from mode_jax.integrity import strict_json
+from mode_jax.pipeline import stats
+from mode_jax.pipeline.sweep import read_results
+
+
+def _groups(records: list[dict]) -> dict[str, dict[int, dict]]:
+    """name -> seed -> record (the last record wins if a seed ran twice)."""
+    out: dict[str, dict[int, dict]] = {}
+    for r in records:
+        out.setdefault(r["name"], {})[int(r["seed"])] = r
+    return out
+
+
+def _units(run: dict, domain: str) -> dict:
+    return run["result"]["domains"][domain]["per_document"]
+
+
+def _counts(runs: list[dict], domain: str):
+    """Per seed: correct and token counts per test unit; and whether every seed was evaluated
+    on the same units (built data: the test split is fixed; synthetic data is drawn per seed)."""
+    docs = [_units(r, domain) for r in runs]
+    ys = [np.asarray(d["correct"], np.float64) for d in docs]
+    ns = [np.asarray(d["tokens"], np.float64) for d in docs]
+    shared = runs[0]["config"]["data"]["source"] != "synthetic" and all(
+        (d["ids"], d["tokens"]) == (docs[0]["ids"], docs[0]["tokens"]) for d in docs)
+    return ys, ns, shared, docs[0]["unit"]
+
+
+def _same_units(a: list[dict], b: list[dict], domain: str) -> bool:
+    """Paired only if, seed by seed, both were measured on the same test units."""
+    key = lambda r: (_units(r, domain)["unit"], _units(r, domain)["ids"], _units(r, domain)["tokens"])  # noqa: E731
+    return all(key(x) == key(y) for x, y in zip(a, b))
+
+
+def build(out: Path, *, baseline: str | None = None, n_boot: int = stats.N_BOOT) -> dict[str, Any]:
+    records = read_results(out)
+    if not records:
+        raise UserError(f"{out} holds no finished sweep runs ({out / 'results.jsonl'} is missing or empty)")
+    groups = _groups(records)
+    if baseline is not None and baseline not in groups:
+        raise UserError(f"baseline {baseline!r} is not a cell of this sweep (cells: {', '.join(groups)})")
+    order = records[0]["config"]["domains"]
+    domains = [d for d in dict.fromkeys(order["targets"] + order["retention"]) if d in records[0]["result"]["domains"]]
+    rows, diffs = [], []
+    for name, by_seed in groups.items():
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        row = {"name": name, "method": runs[0]["method"], "seeds": sorted(by_seed),
+               "params_trainable": runs[0]["result"].get("params_trainable", 0), "domains": {}}
+        for d in domains:
+            ys, ns, shared, unit = _counts(runs, d)
+            row["domains"][d] = {**stats.bootstrap_accuracy(ys, ns, shared_documents=shared, n_boot=n_boot).to_dict(),
+                                 "unit": unit, "shared_documents": shared}
+        row["avg"] = float(np.mean([row["domains"][d]["estimate"] for d in domains]))
+        rows.append(row)
+        if baseline is None or name == baseline:
+            continue
+        seeds = sorted(set(by_seed) & set(groups[baseline]))
+        entry = {"name": name, "baseline": baseline, "seeds": seeds, "domains": {}}
+        for d in domains:
+            a = [by_seed[s] for s in seeds]
+            b = [groups[baseline][s] for s in seeds]
+            if not seeds or not _same_units(a, b, d):
+                entry["domains"][d] = None      # not measured on the same seeds and documents
+                continue
+            ya, na, shared, _ = _counts(a, d)
+            yb, nb, _, _ = _counts(b, d)
+            entry["domains"][d] = stats.paired_difference(ya, na, yb, nb, shared_documents=shared,
+                                                          n_boot=n_boot).to_dict()
+        diffs.append(entry)
+    return {"domains": domains, "rows": rows, "baseline": baseline, "differences": diffs,
+            "n_boot": n_boot, "level": stats.LEVEL,
+            "note": "accuracy: mean over seeds of next-token accuracy on the test documents, separators "
+                    "excluded; [low, high]: 95% percentile bootstrap over seeds and test documents"}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def markdown(table: dict[str, Any]) -> str:
+    domains = table["domains"]
+    head = ["cell", "seeds", "trained"] + [d.capitalize() for d in domains] + ["avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
+    for r in table["rows"]:
+        cells = [r["name"], str(len(r["seeds"])), f"{r['params_trainable']:,}"]
+        cells += [f"{_pct(r['domains'][d]['estimate'])} [{_pct(r['domains'][d]['low'])}, "
+                  f"{_pct(r['domains'][d]['high'])}]" for d in domains]
+        lines.append("| " + " | ".join(cells + [_pct(r["avg"])]) + " |")
+    units = sorted({f"{d}: {r['domains'][d]['n_units']} {r['domains'][d]['unit']}s"
+                    for r in table["rows"][:1] for d in domains})
+    text = ["Accuracy, % (mean over seeds) [95% bootstrap interval over seeds and test units; "
+            + "; ".join(units) + "].", "", *lines, ""]
+    if table["differences"]:
+        head = ["cell"] + [f"{d.capitalize()} - baseline" for d in domains]
+        text += [f"Paired differences against **{table['baseline']}** (same seeds, same documents), "
+                 "points [95% interval]; * = the interval excludes zero.", "",
+                 "| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
+        for e in table["differences"]:
+            cells = [e["name"]]
+            for d in domains:
+                v = e["domains"][d]
+                cells.append("not paired" if v is None else f"{100 * v['estimate']:+.2f} [{100 * v['low']:+.2f}, "
+                             f"{100 * v['high']:+.2f}]" + (" *" if v["excludes_zero"] else ""))
+            text.append("| " + " | ".join(cells) + " |")
+        text.append("")
+    return "\n".join(text)
+
+
+def write(out: Path, *, baseline: str | None = None, n_boot: int = stats.N_BOOT) -> str:
+    """table.md, table.json and (with matplotlib) the two plots in `out`; returns the markdown."""
+    from mode_jax.pipeline import plots
+    out = Path(out)
+    table = build(out, baseline=baseline, n_boot=n_boot)
+    md = markdown(table)
+    write_text_atomic(out / "table.md", md)
+    write_text_atomic(out / "table.json", strict_json(table, indent=2, sort_keys=True) + "\n")
+    if plots.available():
+        _error_bars(table, out / "accuracy.png")
+        if table["differences"]:
+            _difference_bars(table, out / "differences.png")
+    return md
+
+
+def _panels(table, rows, value, title, ylabel, path, zero_line=False):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    domains = table["domains"]
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 4.5), squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        kept = [(r["name"], value(r, d)) for r in rows if value(r, d) is not None]
+        est = np.array([100 * v["estimate"] for _, v in kept])
+        err = np.array([[100 * (v["estimate"] - v["low"]) for _, v in kept],
+                        [100 * (v["high"] - v["estimate"]) for _, v in kept]])
+        ax.errorbar(np.arange(len(kept)), est, yerr=err, fmt="o", capsize=4, lw=1.2)
+        if zero_line:
+            ax.axhline(0.0, color="black", lw=0.8, ls="--")
+        ax.set_xticks(range(len(kept)), [name for name, _ in kept], rotation=40, ha="right", fontsize=8)
+        ax.set_title(d.capitalize())
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _error_bars(table, path):
+    _panels(table, table["rows"], lambda r, d: r["domains"][d], "Accuracy with 95% bootstrap intervals "
+            "(seeds x test documents)", "next-token accuracy (%)", path)
+
+
+def _difference_bars(table, path):
+    _panels(table, table["differences"], lambda e, d: e["domains"][d],
+            f"Paired difference against {table['baseline']} (same seeds and documents), 95% intervals",
+            "difference (points)", path, zero_line=True)

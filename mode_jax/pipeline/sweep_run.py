@@ -1,0 +1,144 @@
+"""Running a sweep's grid (sweep.py): each run through the pipeline's stages, results appended.
+
+    <out>/grid.toml                  the grid file of the latest call
+    <out>/results.jsonl              one line per finished run (sweep.append_result)
+    <out>/cells/<id>/run/            the run's directory (config, metrics.jsonl, checkpoints)
+    <out>/experts/<key>/expert-<d>/  stage-1 experts, shared by every mode / mode-frozen run
+                                     whose stage-1 settings (and seed) are equal
+
+A run killed mid-way continues from its directory's last checkpoint on the next call;
+runs already in results.jsonl are skipped. Once a run is recorded its model and
+checkpoints are deleted (unless keep_models): a grid of full fine-tunings would
+otherwise fill the disk; experts are kept, later runs may compose them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from mode_jax.atomic import write_text_atomic
+from mode_jax.pipeline import presets
+from mode_jax.pipeline.sweep import Cell, Grid, append_result, read_results
+
+
+def expert_config(cfg: presets.PipelineConfig) -> presets.PipelineConfig:
+    """`cfg` with every key stage 1 does not read set to its default, so that runs which
+    differ only in those share their experts (and the experts' run directories resume)."""
+    return dataclasses.replace(cfg, lora=presets.LoraSection(),
+                               lr=dataclasses.replace(presets.LrSection(), mode=cfg.lr.mode),
+                               train=dataclasses.replace(cfg.train, steps=presets.TrainSection().steps))
+
+
+def _key(cfg: presets.PipelineConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check(grid: Grid) -> None:
+    """Cheap checks of every run's inputs (data built, model fetched), before anything runs."""
+    from mode_jax.pipeline import stages
+    seen = set()
+    for cell in grid.cells:
+        key = (cell.cfg.data, cell.cfg.model, cell.cfg.domains)
+        if key not in seen:
+            seen.add(key)
+            stages.check_inputs(cell.cfg, cell.cfg.eval_domains)
+
+
+def run_grid(grid: Grid, out: Path, *, progress: bool = True, deadline: float | None = None,
+             throttle: float = 0.0, keep_models: bool = False) -> tuple[int, int]:
+    """Run every cell of `grid` not yet in <out>/results.jsonl. Returns (finished, total);
+    finished < total when the deadline stopped it (rerun the same command to go on)."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "grid.toml", grid.path.read_text(encoding="utf-8"))
+    done = {r.get("cell") for r in read_results(out)}
+    todo = [c for c in grid.cells if c.id not in done]
+    finished = len(grid.cells) - len(todo)
+    with tqdm(total=len(grid.cells), initial=finished, desc="cells", unit="run", disable=not progress,
+              position=0, dynamic_ncols=True) as bar:
+        for cell in todo:
+            if deadline is not None and time.time() > deadline:
+                break
+            bar.set_postfix_str(f"{cell.name} seed {cell.seed}", refresh=True)
+            record = run_cell(cell, out, progress=progress, deadline=deadline, throttle=throttle)
+            if record is None:
+                break
+            append_result(out, record)
+            if not keep_models:
+                _drop_models(out / "cells" / cell.id)
+            finished += 1
+            bar.update(1)
+    return finished, len(grid.cells)
+
+
+def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | None = None,
+             throttle: float = 0.0) -> dict | None:
+    """Train and evaluate one run; its record for results.jsonl, or None if the deadline stopped it."""
+    from mode_jax.pipeline import expert_io, sources, stages
+
+    cfg = cell.cfg
+    began = time.time()
+    ctx = stages.prepare(cfg, cfg.domains.targets, progress=progress)
+    ctx.deadline, ctx.throttle = deadline, throttle
+    targets = list(cfg.domains.targets)
+    run_path = out / "cells" / cell.id / "run"
+    phases = {}
+    if cell.method in ("mode", "mode-frozen"):
+        ecfg = expert_config(cfg)
+        ectx = dataclasses.replace(ctx, cfg=ecfg)
+        edir = out / "experts" / _key(ecfg)
+        for d in targets:
+            res = _phase(ectx, edir / f"expert-{d}", "expert", lambda run, d=d: stages.train_expert(ectx, run, d))
+            if res is None:
+                return None
+            phases[f"expert-{d}"] = res
+        files = [edir / f"expert-{d}" / f"expert-{d}.safetensors" for d in targets]
+        experts = expert_io.load_compatible(files, llama=ctx.llama, mode=sources.mode_config(cfg, 1),
+                                            fingerprint=ctx.backbone.fingerprint)
+        main = _phase(ctx, run_path, cell.method,
+                      lambda run: stages.compose(ctx, run, experts, freeze=cell.method == "mode-frozen"))
+    elif cell.method == "backbone":
+        main = _phase(ctx, run_path, "backbone", lambda run: stages.evaluate_backbone(ctx, run))
+    elif cell.method == "uninit":
+        main = _phase(ctx, run_path, "uninit", lambda run: stages.uninit(ctx, run, targets))
+    else:
+        main = _phase(ctx, run_path, cell.method, lambda run: stages.finetune(ctx, run, cell.method))
+    if main is None:
+        return None
+    return {"cell": cell.id, "name": cell.name, "method": cell.method, "seed": cell.seed,
+            "settings": dict(cell.settings), "config": cfg.to_dict(), "label": main["label"],
+            "result": main, "phases": phases, "run_dir": str(run_path.relative_to(out)),
+            "seconds": round(time.time() - began, 2)}
+
+
+def _phase(ctx, path: Path, kind: str, fn):
+    """A finished phase's result, or run it (continuing from its checkpoint if it was started)."""
+    from mode_jax.pipeline import checkpoint, runs
+    sub = runs.RunDir(path)
+    if sub.is_done():
+        return sub.result()
+    if ctx.progress:
+        print(f"== {path.parent.name}/{path.name} ({kind})", file=sys.stderr)
+    resume = (path / runs.CONFIG).is_file()
+    sub = runs.RunDir.create(path, ctx.cfg, kind=kind, resume=resume,
+                             info={"sweep_phase": kind, "backbone_fingerprint": ctx.backbone.fingerprint})
+    if resume and checkpoint.latest(sub.checkpoints) is None:
+        # Killed before its first checkpoint: it starts again from step 0, so the lines it
+        # logged are stale (train_loop trims them only when it restores a checkpoint).
+        (sub.path / runs.METRICS).unlink(missing_ok=True)
+    return fn(sub)
+
+
+def _drop_models(cell_dir: Path) -> None:
+    for path in cell_dir.rglob("*.safetensors"):
+        path.unlink(missing_ok=True)
+    for ckpt in cell_dir.rglob("checkpoints"):
+        shutil.rmtree(ckpt, ignore_errors=True)

@@ -1,0 +1,179 @@
+"""`mode-jax sweep`: grids refused before anything runs, grid expansion, and a tiny grid end
+to end on the smoke preset (two cells, two seeds) with a SIGKILL mid-sweep, a resume that
+skips the finished runs, and the report checked against the recorded counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mode_jax.cli import main
+from mode_jax.pipeline import checkpoint, presets, sweep
+from tests.helpers import assert_refused
+
+GRID = """
+[sweep]
+base = "smoke"
+seeds = [0, 1]
+baseline = "full"
+set = {{ "train.steps" = 6, "train.stage1_steps" = 4, "train.checkpoint_every" = 2 }}
+{cells}
+"""
+TWO_CELLS = """
+[[sweep.cell]]
+method = "full"
+
+[[sweep.cell]]
+method = "lora"
+lr = 3e-3
+"""
+
+
+def _grid(tmp_path, cells=TWO_CELLS, name="grid.toml", **fmt):
+    path = tmp_path / name
+    path.write_text(GRID.format(cells=cells, **fmt))
+    return path
+
+
+@pytest.mark.parametrize("cells,needle", [
+    ('[[sweep.cell]]\nmethod = "full"\ntrain.stepz = 3\n', "unknown key 'train.stepz'"),
+    ('[[sweep.cell]]\nmethod = "full"\nlr = [1e-3, 2.0]\n', "lr.full must be in"),
+    ('[[sweep.cell]]\nmethod = "lora"\n"lora.rank" = []\n', "lora.rank is an empty axis"),
+    ('[[sweep.cell]]\nmethod = "fine"\n', "method must be one of"),
+    ('[[sweep.cell]]\nmethod = "backbone"\nlr = 1e-3\n', "takes no lr"),
+    ('[[sweep.cell]]\nmethod = "full"\n[[sweep.cell]]\nmethod = "full"\n', "is the same run as"),
+])
+def test_bad_grid_is_refused_before_anything_runs(tmp_path, capsys, cells, needle):
+    out = tmp_path / "out"
+    assert_refused(capsys, ["sweep", str(_grid(tmp_path, cells)), "--out", str(out)], out, needle)
+
+
+def test_bad_sweep_table_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    path = tmp_path / "g.toml"
+    path.write_text('[sweep]\nbase = "smoke"\nseeds = []\n[[sweep.cell]]\nmethod = "full"\n')
+    assert_refused(capsys, ["sweep", str(path), "--out", str(out)], out, "sweep.seeds is an empty axis")
+    path.write_text('[sweep]\nbase = "smoke"\nrepeat = 2\n[[sweep.cell]]\nmethod = "full"\n')
+    assert_refused(capsys, ["sweep", str(path), "--out", str(out)], out, "unknown key sweep.repeat")
+    path.write_text('[sweep]\nbase = "smoke"\nbaseline = "ful"\n[[sweep.cell]]\nmethod = "full"\n')
+    assert_refused(capsys, ["sweep", str(path), "--out", str(out)], out, "sweep.baseline 'ful'")
+
+
+def test_grid_expansion(tmp_path):
+    cells = ('[[sweep.cell]]\nmethod = "full"\nlr = [1e-3, 5e-5]\ntrain.warmup_steps = 2\n'
+             '[[sweep.cell]]\nname = "mode-2x"\nmethod = "mode"\n"mode.gate_margin" = 4.0\n')
+    path = _grid(tmp_path, cells)
+    path.write_text(path.read_text().replace('baseline = "full"', 'baseline = "full lr=5e-05"'))
+    grid = sweep.load_grid(path)
+    base = presets.load_config(preset="smoke")
+    got = [(c.name, c.seed, c.cfg.lr.full, c.cfg.train.warmup_steps, c.cfg.train.steps) for c in grid.cells]
+    warm, lr = base.train.warmup_steps, base.lr.full
+    assert got == [("full lr=0.001", 0, 1e-3, 2, 6), ("full lr=0.001", 1, 1e-3, 2, 6),
+                   ("full lr=5e-05", 0, 5e-5, 2, 6), ("full lr=5e-05", 1, 5e-5, 2, 6),
+                   ("mode-2x", 0, lr, warm, 6), ("mode-2x", 1, lr, warm, 6)]
+    assert [c.cfg.train.seed for c in grid.cells] == [0, 1] * 3
+    assert grid.cells[4].cfg.mode.gate_margin == 4.0 and grid.cells[0].cfg.mode.gate_margin == base.mode.gate_margin
+    ids = [c.id for c in grid.cells]
+    assert len(set(ids)) == 6 and ids == [c.id for c in sweep.load_grid(grid.path).cells]
+
+
+def _env(tmp_path):
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def _lines(out):
+    path = out / "results.jsonl"
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+@pytest.mark.slow
+def test_sweep_kill_resume_and_report(tmp_path):
+    grid = _grid(tmp_path)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "mode_jax.cli", "sweep", str(grid), "--out", str(out), "--quiet"]
+    ids = [c.id for c in sweep.load_grid(grid).cells]
+    proc = subprocess.Popen(cmd + ["--throttle", "0.3"], env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    # Kill once one run is recorded and the next has a checkpoint: a finished run to skip
+    # and an interrupted one to continue.
+    while time.time() < deadline:
+        done = {json.loads(x)["cell"] for x in _lines(out)}
+        if done and any(checkpoint.latest(out / "cells" / i / "run" / "checkpoints") is not None
+                        for i in ids if i not in done):
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the sweep never got to a recorded run and a checkpoint of the next one")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = _lines(out)
+    assert 1 <= len(before) < len(ids)
+    finished = [json.loads(x)["cell"] for x in before]
+    # Were a finished run re-run, its directory would come back.
+    (out / "cells" / finished[0] / "run" / "result.json").unlink()
+
+    subprocess.run(cmd, check=True, env=_env(tmp_path), timeout=300)
+    after = _lines(out)
+    assert after[:len(before)] == before
+    assert not (out / "cells" / finished[0] / "run" / "result.json").exists()
+    records = [json.loads(x) for x in after]
+    assert sorted(r["cell"] for r in records) == sorted(ids)
+    for r in records:
+        assert r["config"]["train"]["seed"] == r["seed"] and r["result"]["train_steps"] == 6
+        steps = [m["step"] for m in map(json.loads, (out / r["run_dir"] / "metrics.jsonl").read_text().splitlines())
+                 if m.get("phase") == r["label"]]
+        assert steps == list(range(1, 7))                   # the interrupted run resumed, no step twice
+        assert not list((out / "cells" / r["cell"]).rglob("*.safetensors"))    # models dropped once recorded
+    assert main(["sweep", str(grid), "--out", str(out), "--quiet"]) == 0     # nothing left: runs nothing
+    assert _lines(out) == after
+
+    assert main(["sweep", "report", str(out), "--n-boot", "500"]) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert table["domains"] == ["math", "code", "english"] and table["baseline"] == "full"
+    for row in table["rows"]:
+        runs = sorted((r for r in records if r["name"] == row["name"]), key=lambda r: r["seed"])
+        assert row["seeds"] == [0, 1]
+        for d in table["domains"]:
+            docs = [r["result"]["domains"][d]["per_document"] for r in runs]
+            expected = np.mean([sum(x["correct"]) / sum(x["tokens"]) for x in docs])
+            cell = row["domains"][d]
+            assert cell["estimate"] == pytest.approx(expected, abs=1e-12)
+            assert cell["low"] <= cell["estimate"] <= cell["high"] and cell["high"] > cell["low"]
+            assert cell["unit"] == "document" and not cell["shared_documents"]   # synthetic: per-seed test set
+    (diff,) = table["differences"]
+    lora = next(r for r in table["rows"] if r["name"] == "lora")
+    full = next(r for r in table["rows"] if r["name"] == "full")
+    for d in table["domains"]:
+        v = diff["domains"][d]
+        assert v["estimate"] == pytest.approx(lora["domains"][d]["estimate"] - full["domains"][d]["estimate"])
+        assert v["excludes_zero"] == (v["low"] > 0 or v["high"] < 0)
+    md = (out / "table.md").read_text()
+    assert "| lora |" in md and "Paired differences against **full**" in md
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "differences.png").stat().st_size > 0
+
+
+def test_mode_cells_share_their_experts(tmp_path):
+    cells = '[[sweep.cell]]\nmethod = "mode"\n[[sweep.cell]]\nmethod = "mode-frozen"\n"train.steps" = 3\n'
+    grid = _grid(tmp_path, cells)
+    doc = grid.read_text().replace("seeds = [0, 1]", "seeds = [0]").replace('baseline = "full"', 'baseline = "mode"')
+    grid.write_text(doc)
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(grid), "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(x) for x in _lines(out)]
+    assert [r["method"] for r in records] == ["mode", "mode-frozen"]
+    assert len(list((out / "experts").iterdir())) == 1                 # trained once, composed twice
+    for r in records:
+        assert set(r["phases"]) == {"expert-math", "expert-code"}
+        assert r["phases"]["expert-math"]["train_steps"] == 4
+        assert r["result"]["routing_columns"] == ["backbone", "math", "code"]
+    assert records[1]["result"]["params_trainable"] < records[0]["result"]["params_trainable"]
