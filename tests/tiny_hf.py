@@ -68,3 +68,10 @@ def write_model_dir(path: Path, tokenizer, *, seed: int = 0, vocab_size: int | N
     tokenizer.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}), encoding="utf-8")
     return path
+
+
+def make_world(root: Path) -> dict:
+    """Both corpora, the tokenizer trained on them and a model directory using it, under `root`."""
+    jsonl, folder = write_corpora(root / "src")
+    tok = train_tokenizer(recipes() + forecasts())
+    return {"root": root, "jsonl": jsonl, "folder": folder, "tok": tok, "model": write_model_dir(root / "model", tok)}
