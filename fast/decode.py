@@ -42,6 +42,7 @@ from mode_jax.fast.norm import rms_norm
 from mode_jax.fast.projection import split_projection
 from mode_jax.fast.swiglu import swiglu_projection
 from mode_jax.ref.config import LlamaConfig
+from mode_jax.ref.llama import rope_freq_factors
 from mode_jax.ref.sampling import SamplingConfig, sample, step_key
 
 F32 = jnp.float32
@@ -78,7 +79,8 @@ def init_cache(prepared: dict, batch: int, size: int, cfg: LlamaConfig, fast: Fa
 def _rotary(positions: jax.Array, cfg: LlamaConfig):
     """cos, sin [B, T, H] for per-row positions [B, T]."""
     b, t = positions.shape
-    cos, sin = rope_tables(positions.reshape(-1), head_dim=cfg.head_dim, theta=cfg.rope_theta)
+    cos, sin = rope_tables(positions.reshape(-1), head_dim=cfg.head_dim, theta=cfg.rope_theta,
+                           freq_factors=rope_freq_factors(cfg))
     return cos.reshape(b, t, -1), sin.reshape(b, t, -1)
 
 
@@ -87,7 +89,8 @@ def _qkv(layer: dict, x: jax.Array, cos, sin, cfg: LlamaConfig):
     b, t, _ = x.shape
     n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     xn = rms_norm(x, layer["attn_norm"], eps=cfg.norm_eps)
-    q, k, v = split_projection(xn, layer["wqkv"], (n * h, kv * h, kv * h))
+    # "bqkv": Qwen2's q|k|v biases, joined by fast.model.prepare_layers.
+    q, k, v = split_projection(xn, layer["wqkv"], (n * h, kv * h, kv * h), bias=layer.get("bqkv"))
     # RoPE per row: fast.attention.apply_rope takes one [T, H] table, so map it over rows.
     rot = jax.vmap(lambda y, c, s: apply_rope(y[None], c, s)[0])
     q = rot(q.reshape(b, t, n, h), cos, sin)                                       # [B, T, N, H]
@@ -244,3 +247,12 @@ def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax
     steps, _, tokens, routing, logits_out, _ = lax.while_loop(
         cond, body, (jnp.int32(1), cache, tokens, routing, logits_out, done))
     return tokens, routing, (logits_out if keep_logits else None), steps
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "fast"))
+def score(prepared: dict, tokens: jax.Array, pad: jax.Array, *, cfg: LlamaConfig, fast: FastConfig):
+    """Left-padded texts [B, T] -> (float32 logits [B, T, V], gate probabilities
+    [B, T, n_blocks, E] at every position, or None for a backbone)."""
+    cache = init_cache(prepared, tokens.shape[0], tokens.shape[1], cfg, fast)
+    logits, _, probs = forward(prepared, cache, tokens, jnp.int32(0), pad, cfg, fast, all_logits=True)
+    return logits, probs

@@ -57,11 +57,12 @@ def generate(prepared: dict, prompts: Sequence[Sequence[int]], cfg: LlamaConfig,
              max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
              eos_id: int | None = None, stop_strings: Sequence[str] = (),
              detokenize: Callable[[list[int]], str] | None = None, keep_logits: bool = False,
-             bucket: int = 16, on_token: Callable[[int, np.ndarray], bool] | None = None) -> Generation:
+             bucket: int = 16, on_token: Callable[[int, np.ndarray, np.ndarray], bool] | None = None) -> Generation:
     """Up to `max_new_tokens` new tokens after each prompt (token id lists of any lengths).
 
     Without `on_token` the whole decode is one jitted loop. With it, tokens are decoded one
-    jitted step at a time and `on_token(step, tokens [B])` is called after each (streaming);
+    jitted step at a time and `on_token(step, tokens [B], routing [B, n_blocks, E])` is called
+    after each (streaming);
     it may return True to stop early.
     """
     if max_new_tokens < 1:
@@ -104,7 +105,7 @@ def _stream(prepared, cache, token, logits, routing, start, pad, key, eos, max_n
     """One jitted step per token, calling `on_token` after each; -> (rows, routing, logits)."""
     steps = [(np.asarray(token), np.asarray(routing), np.asarray(logits) if keep_logits else None)]
     done = steps[0][0] == eos
-    stop = bool(on_token(0, steps[0][0]))
+    stop = bool(on_token(0, steps[0][0], steps[0][1]))
     for i in range(1, max_new):
         if stop or done.all():
             break
@@ -114,7 +115,7 @@ def _stream(prepared, cache, token, logits, routing, start, pad, key, eos, max_n
         token = jnp.asarray(tok)
         steps.append((tok, np.asarray(routing), np.asarray(logits) if keep_logits else None))
         done = done | (tok == eos)
-        stop = bool(on_token(i, tok))
+        stop = bool(on_token(i, tok, steps[-1][1]))
     rows = np.stack([s[0] for s in steps], axis=1).tolist()                       # [B, n]
     routing = np.stack([s[1] for s in steps], axis=1)                             # [B, n, n_blocks, E]
     logits = np.stack([s[2] for s in steps], axis=1) if keep_logits else None

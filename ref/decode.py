@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mode_jax.ref.config import LlamaConfig
-from mode_jax.ref.llama import attend, attention_qkv, embed, lm_head, mlp, rms_norm
+from mode_jax.ref.llama import attend, attention_qkv, embed, lm_head, mlp, rms_norm, rope_freq_factors
 from mode_jax.ref.mode import gate_logits, gated_combine
 from mode_jax.ref.sampling import SamplingConfig, sample, step_key
 
@@ -65,7 +65,7 @@ def layer_step(layer: dict, cache: dict, x: jax.Array, cfg: LlamaConfig) -> tupl
     positions = jnp.arange(s, s + t)                                              # [T]
     q, k, v = attention_qkv(layer, rms_norm(x, layer["attn_norm"], eps=cfg.norm_eps), positions,
                             n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                            rope_theta=cfg.rope_theta)
+                            rope_theta=cfg.rope_theta, rope_freq_factors=rope_freq_factors(cfg))
     k = jnp.concatenate([cache["k"], k], axis=1)                                  # [B, S + T, K, H]
     v = jnp.concatenate([cache["v"], v], axis=1)
     # New token i (at position s + i) sees every cached key and the new ones up to itself.

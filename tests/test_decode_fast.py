@@ -16,7 +16,7 @@ from mode_jax.ref import decode as rdecode
 from mode_jax.ref.llama import init_llama, llama_forward
 from mode_jax.ref.mode import mode_forward, mode_hidden
 from mode_jax.ref.sampling import SamplingConfig
-from tests.test_decode_ref import CFG, tiny_mode
+from tests.test_decode_ref import CFG, CFG_QWEN, qwen_backbone, tiny_mode
 from tests.tolerances import assert_close
 
 EXACT = FastConfig.exact()
@@ -37,17 +37,19 @@ def _prepared(params, fast=EXACT):
     return fdecode.prepare(to_fast(params), fast)
 
 
-@pytest.mark.parametrize("model", ["backbone", "mode"])
+@pytest.mark.parametrize("model", ["backbone", "mode", "qwen2_llama3"])
 def test_cached_logits_equal_full_forward_with_left_padding(model, mode_params):
-    params = {"backbone": init_llama(jax.random.key(12), CFG)} if model == "backbone" else mode_params
-    full_fn = (lambda p, t: llama_forward(p["backbone"], t, CFG)) if model == "backbone" else \
-        (lambda p, t: mode_forward(p, t, CFG))
+    cfg = CFG_QWEN if model == "qwen2_llama3" else CFG
+    params = mode_params if model == "mode" else {"backbone": qwen_backbone(12) if model == "qwen2_llama3" else
+                                                  init_llama(jax.random.key(12), CFG)}
+    full_fn = (lambda p, t: mode_forward(p, t, cfg)) if model == "mode" else \
+        (lambda p, t: llama_forward(p["backbone"], t, cfg))
     seqs = [np.asarray(jax.random.randint(jax.random.key(s), (n,), 0, CFG.vocab_size)) for s, n in ((1, 11), (2, 14))]
     plen = [5, 8]                                          # prompt lengths; the rest is fed one at a time
     tokens, pad = left_pad([s[:n] for s, n in zip(seqs, plen)], bucket=4)          # P = 8, pads 3 and 0
     prepared = _prepared(params)
     n_new = 6
-    statics = dict(cfg=CFG, fast=EXACT, sampling=SamplingConfig())
+    statics = dict(cfg=cfg, fast=EXACT, sampling=SamplingConfig())
     tok, logits, routing, cache, prompt_logits = fdecode.prefill(
         prepared, jnp.asarray(tokens), jnp.asarray(pad), jax.random.key(0), size=8 + n_new, all_logits=True,
         **statics)
@@ -108,7 +110,7 @@ def test_eos_ends_one_row_and_streaming_equals_the_loop(mode_params):
     assert cut.finish[0] == "eos" and cut.tokens[0] == free.tokens[0][:free.tokens[0].index(eos) + 1]
     seen = []
     streamed = gen(prepared, prompts, sampling=sampling, key=key, eos_id=eos,
-                   on_token=lambda i, toks: seen.append((i, toks.tolist())) and False)
+                   on_token=lambda i, toks, routing: seen.append((i, toks.tolist())) and False)
     assert streamed.tokens == cut.tokens and streamed.finish == cut.finish
     assert [i for i, _ in seen] == list(range(len(seen))) and seen[0][1] == [r[0] for r in cut.tokens]
     # Seeded sampling: the same key gives ref/decode.py's tokens; another key other tokens.

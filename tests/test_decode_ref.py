@@ -8,13 +8,23 @@ import numpy as np
 import pytest
 
 from mode_jax.ref import decode
-from mode_jax.ref.config import LlamaConfig, ModeConfig
+from mode_jax.ref.config import LlamaConfig, ModeConfig, RopeScaling
 from mode_jax.ref.llama import init_llama, llama_forward
 from mode_jax.ref.mode import init_mode, mode_forward
 from mode_jax.ref.sampling import SamplingConfig, filter_logits, sample, step_key
 from tests.tolerances import assert_close
 
 CFG = LlamaConfig.tiny()
+# Qwen2's q/k/v biases and Llama 3's RoPE scaling (a short original context, so it bites).
+CFG_QWEN = LlamaConfig.tiny(qkv_bias=True, rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=8))
+
+
+def qwen_backbone(seed=3):
+    params = init_llama(jax.random.key(seed), CFG_QWEN)
+    for i, layer in enumerate(params["layers"]):
+        for j, name in enumerate(("bq", "bk", "bv")):
+            layer[name] = 0.5 * jax.random.normal(jax.random.key(50 + 3 * i + j), layer[name].shape)
+    return params
 
 
 def tiny_mode(seed=0, n_experts=2, expert_layers=1):
@@ -33,19 +43,21 @@ def _tokens(seed, shape):
     return jax.random.randint(jax.random.key(seed), shape, 0, CFG.vocab_size)
 
 
-@pytest.mark.parametrize("model", ["backbone", "mode"])
+@pytest.mark.parametrize("model", ["backbone", "mode", "qwen2_llama3"])
 def test_cached_steps_equal_full_forward(model):
-    params = init_llama(jax.random.key(3), CFG) if model == "backbone" else tiny_mode()
-    full_fn = llama_forward if model == "backbone" else mode_forward
+    cfg = CFG_QWEN if model == "qwen2_llama3" else CFG
+    params = tiny_mode() if model == "mode" else qwen_backbone() if model == "qwen2_llama3" else \
+        init_llama(jax.random.key(3), CFG)
+    full_fn = mode_forward if model == "mode" else llama_forward
     tokens = _tokens(1, (2, 11))
-    full = full_fn(params, tokens, CFG)                                            # [B, 11, V]
+    full = full_fn(params, tokens, cfg)                                            # [B, 11, V]
     # Prefill 5, then 2 tokens in one step, then one at a time.
-    logits, cache, _ = decode.prefill(params, tokens[:, :5], CFG)
+    logits, cache, _ = decode.prefill(params, tokens[:, :5], cfg)
     got = [logits]
-    logits, cache, _ = decode.step(params, cache, tokens[:, 5:7], CFG)
+    logits, cache, _ = decode.step(params, cache, tokens[:, 5:7], cfg)
     got.append(logits)
     for t in range(7, 11):
-        logits, cache, _ = decode.step(params, cache, tokens[:, t:t + 1], CFG)
+        logits, cache, _ = decode.step(params, cache, tokens[:, t:t + 1], cfg)
         got.append(logits)
     assert decode.cached_length(cache) == 11
     if model == "mode":
