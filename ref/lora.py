@@ -6,10 +6,13 @@ backbone exactly. The reference merges the adapters into the weights and runs
 the plain backbone: the simplest statement of the function.
 
 Params: {"layers": [{name: {"a": [in, R], "b": [R, out]} for name in targets}] * L}.
+`lora_merge` checks every adapter's shape against its weight and the rank with chex
+(static shapes: free under jit).
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -37,6 +40,10 @@ def lora_merge(backbone: dict, adapters: dict, lora: LoraConfig) -> dict:
     for layer, layer_adapters in zip(backbone["layers"], adapters["layers"]):
         merged = dict(layer)
         for name, ab in layer_adapters.items():
+            d_in, d_out = layer[name].shape
+            chex.assert_shape([ab["a"], ab["b"]], [(d_in, lora.rank), (lora.rank, d_out)],
+                              custom_message=f"lora_merge: the adapter of {name} must be a [{d_in}, {lora.rank}] "
+                              f"and b [{lora.rank}, {d_out}] (weight [in, out], rank R)", exception_type=ValueError)
             delta = scale * (ab["a"].astype(jnp.float32) @ ab["b"].astype(jnp.float32))
             merged[name] = (layer[name].astype(jnp.float32) + delta).astype(layer[name].dtype)
         merged_layers.append(merged)

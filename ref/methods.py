@@ -23,7 +23,7 @@ import jax
 from mode_jax.ref.config import LlamaConfig, LoraConfig, ModeConfig
 from mode_jax.ref.llama import llama_forward
 from mode_jax.ref.lora import init_lora, lora_merge
-from mode_jax.ref.mode import init_mode, mode_forward, stage2_from_stage1
+from mode_jax.ref.mode import check_tokens, init_mode, mode_forward, stage2_from_stage1
 
 
 def _in(part: str):
@@ -69,7 +69,8 @@ def merge(trainable: dict, frozen: dict) -> dict:
 
 
 def apply(params: dict, tokens: jax.Array, cfg: LlamaConfig, lora: LoraConfig | None = None) -> jax.Array:
-    """Logits [B, T, V] (float32) of whichever model `params` holds."""
+    """tokens int [B, T] -> logits [B, T, V] (float32) of whichever model `params` holds."""
+    check_tokens(tokens, "apply")
     backbone = params["backbone"]
     if "lora" in params:
         if lora is None:

@@ -14,10 +14,15 @@ Params: {"backbone": <llama params>, "blocks": [{"experts": [[layer] * expert_la
 "gate_w": [D, E], "gate_b": [E]}] * n_blocks} with E = N + 1 and column 0 the
 backbone. The layout (blocks, experts) is read off the tree, so N = 0 is valid
 and gives the backbone back exactly.
+
+The public forward functions check their inputs' shapes and dtypes with chex (a
+ValueError naming the argument); the checks read static shapes only, so under jit
+they run once per trace and add nothing to the compiled step.
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -40,8 +45,19 @@ def gated_combine(logits: jax.Array, outputs: jax.Array) -> jax.Array:
     return mixed.astype(outputs.dtype)
 
 
+def check_tokens(tokens: jax.Array, where: str) -> None:
+    """tokens must be integer ids [B, T] (a clear ValueError otherwise)."""
+    chex.assert_rank(tokens, 2, custom_message=f"{where}: tokens must be [B, T]", exception_type=ValueError)
+    chex.assert_type(tokens, int, custom_message=f"{where}: tokens must be integer ids", exception_type=ValueError)
+
+
 def gate_logits(block: dict, x: jax.Array) -> jax.Array:
     """x [B, T, D] -> float32 gate logits [B, T, E]."""
+    chex.assert_rank(x, 3, custom_message="gate_logits: x must be [B, T, D]", exception_type=ValueError)
+    chex.assert_shape(block["gate_w"], (x.shape[-1], None), custom_message="gate_logits: gate_w must be [D, E] "
+                      "with D the width of x", exception_type=ValueError)
+    chex.assert_shape(block["gate_b"], (block["gate_w"].shape[1],), custom_message="gate_logits: gate_b must be "
+                      "[E] with E the columns of gate_w", exception_type=ValueError)
     return upcast(x) @ upcast(block["gate_w"]) + upcast(block["gate_b"])
 
 
@@ -127,6 +143,7 @@ def mode_hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, *,
                 return_probs: bool = False):
     """The last block's mixed output [B, T, D] (and, optionally, each block's gate
     probabilities [B, T, E] as a list: what the gate learned)."""
+    check_tokens(tokens, "mode_hidden")
     backbone, blocks = params["backbone"], params["blocks"]
     n_layers = len(backbone["layers"])
     if n_layers % len(blocks):

@@ -1,5 +1,6 @@
 """The reference Llama against hand-computed cases and an independent NumPy model."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,20 +15,37 @@ from tests import numpy_llama
 from tests.tolerances import assert_close
 
 
-def test_rms_norm_by_hand():
-    # x = [3, 4]: mean square 12.5, rms 3.5355339; scaled by [1, 2].
-    out = rms_norm(jnp.array([3.0, 4.0]), jnp.array([1.0, 2.0]), eps=0.0)
-    assert_close(out, [3 / 3.5355339, 8 / 3.5355339])
+class ReferenceWithAndWithoutJit(chex.TestCase):
+    """The pinned cases, run eagerly and under jit (chex.variants): the reference is the same
+    function either way."""
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_rms_norm_by_hand(self):
+        # x = [3, 4]: mean square 12.5, rms 3.5355339; scaled by [1, 2].
+        out = self.variant(rms_norm, static_argnames="eps")(jnp.array([3.0, 4.0]), jnp.array([1.0, 2.0]), eps=0.0)
+        assert_close(out, [3 / 3.5355339, 8 / 3.5355339])
 
-def test_rope_by_hand():
-    # H = 2, one frequency (theta^0 = 1): position 1 rotates (1, 2) by 1 radian.
-    cos, sin = rope_tables(jnp.arange(2), head_dim=2, theta=10000.0)
-    x = jnp.array([[1.0, 2.0], [1.0, 2.0]]).reshape(1, 2, 1, 2)
-    out = apply_rope(x, cos, sin)[0, :, 0]
-    c, s = np.cos(1.0), np.sin(1.0)
-    assert_close(out[0], [1.0, 2.0])                       # position 0: identity
-    assert_close(out[1], [1 * c - 2 * s, 2 * c + 1 * s])
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_rope_by_hand(self):
+        # H = 2, one frequency (theta^0 = 1): position 1 rotates (1, 2) by 1 radian.
+        cos, sin = rope_tables(jnp.arange(2), head_dim=2, theta=10000.0)
+        x = jnp.array([[1.0, 2.0], [1.0, 2.0]]).reshape(1, 2, 1, 2)
+        out = self.variant(apply_rope)(x, cos, sin)[0, :, 0]
+        c, s = np.cos(1.0), np.sin(1.0)
+        assert_close(out[0], [1.0, 2.0])                       # position 0: identity
+        assert_close(out[1], [1 * c - 2 * s, 2 * c + 1 * s])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_forward_matches_independent_numpy(self):
+        for tie in (True, False):
+            cfg = LlamaConfig.tiny(tie_embeddings=tie, n_layers=2)
+            params = init_llama(jax.random.key(0), cfg)
+            tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+            logits = self.variant(llama_forward, static_argnums=2)(params, tokens, cfg)
+            npp = numpy_llama.to_numpy(params)
+            for b in range(2):
+                expected = numpy_llama.llama_logits(npp, np.asarray(tokens[b]), cfg)
+                assert_close(logits[b], expected, scale=5)
 
 
 def test_rope_scores_depend_on_relative_position_only():
@@ -38,18 +56,6 @@ def test_rope_scores_depend_on_relative_position_only():
     rq = apply_rope(jnp.broadcast_to(q, (1, 12, 1, 16)), cos, sin)[0, :, 0]
     rk = apply_rope(jnp.broadcast_to(k, (1, 12, 1, 16)), cos, sin)[0, :, 0]
     assert_close(rq[5] @ rk[3], rq[9] @ rk[7], scale=10)   # both at distance 2
-
-
-@pytest.mark.parametrize("tie", [True, False])
-def test_forward_matches_independent_numpy(tie):
-    cfg = LlamaConfig.tiny(tie_embeddings=tie, n_layers=2)
-    params = init_llama(jax.random.key(0), cfg)
-    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
-    logits = llama_forward(params, tokens, cfg)
-    npp = numpy_llama.to_numpy(params)
-    for b in range(2):
-        expected = numpy_llama.llama_logits(npp, np.asarray(tokens[b]), cfg)
-        assert_close(logits[b], expected, scale=5)
 
 
 def test_forward_is_causal():

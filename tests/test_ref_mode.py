@@ -1,7 +1,9 @@
 """MoDE (paper eq. 1-2) in the reference: the merge, the gate, the blocks."""
 
 import dataclasses
+import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from mode_jax.ref.config import LlamaConfig, ModeConfig
 from mode_jax.ref.llama import init_llama, llama_forward
 from mode_jax.ref.mode import gated_combine, init_mode, mode_forward, mode_hidden, stage2_from_stage1
 from tests import numpy_llama
-from tests.tolerances import assert_close
+from tests.tolerances import assert_close, assert_trees_close
 
 CFG = LlamaConfig.tiny()                      # 4 layers
 MODE = ModeConfig(n_blocks=2, expert_layers=1, n_experts=2, expert_init="random")
@@ -23,10 +25,37 @@ def tokens(seed=1, shape=(2, 10)):
     return jax.random.randint(jax.random.key(seed), shape, 0, CFG.vocab_size)
 
 
-def test_gated_combine_by_hand():
-    # softmax([0, ln 3]) = [1/4, 3/4]; 1/4 * [1, 2] + 3/4 * [5, 6] = [4, 5].
-    out = gated_combine(jnp.array([0.0, np.log(3.0)]), jnp.array([[1.0, 2.0], [5.0, 6.0]]))
-    assert_close(out, [4.0, 5.0])
+class ReferenceWithAndWithoutJit(chex.TestCase):
+    """The pinned cases, run eagerly and under jit (chex.variants): the reference is the same
+    function either way."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gated_combine_by_hand(self):
+        # softmax([0, ln 3]) = [1/4, 3/4]; 1/4 * [1, 2] + 3/4 * [5, 6] = [4, 5].
+        out = self.variant(gated_combine)(jnp.array([0.0, np.log(3.0)]), jnp.array([[1.0, 2.0], [5.0, 6.0]]))
+        assert_close(out, [4.0, 5.0])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_mode_forward_matches_independent_numpy(self):
+        params = init_mode(jax.random.key(0), init_llama(jax.random.key(1), CFG), CFG, MODE)
+        # A non-trivial gate, so every term of eq. 1 matters.
+        params["blocks"] = [{**b, "gate_w": 0.3 * jax.random.normal(jax.random.key(i), b["gate_w"].shape),
+                             "gate_b": jnp.array([0.5, -0.2, 0.1])} for i, b in enumerate(params["blocks"])]
+        tok = tokens()
+        logits = self.variant(mode_forward, static_argnums=2)(params, tok, CFG)
+        npp = numpy_llama.to_numpy(params)
+        for b in range(tok.shape[0]):
+            assert_close(logits[b], numpy_llama.mode_logits(npp, np.asarray(tok[b]), CFG), scale=5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gate_init_backbone_margin(self):
+        params = init_mode(jax.random.key(0), init_llama(jax.random.key(1), CFG), CFG,
+                           dataclasses.replace(MODE, gate_margin=2.0))
+        hidden = self.variant(functools.partial(mode_hidden, return_probs=True), static_argnums=2)
+        _, probs = hidden(params, tokens(), CFG)
+        # Zero weights, bias [2, 0, 0]: a_bb = e^2 / (e^2 + 2) = 0.7870 for every token.
+        for p in probs:
+            assert_close(p[..., 0], np.full(p.shape[:-1], np.e**2 / (np.e**2 + 2)))
 
 
 @given(lead=st.sampled_from([(3,), (2, 5), (1, 1, 4)]), e=st.sampled_from([1, 2, 3, 8]),
@@ -55,18 +84,6 @@ def test_gated_combine_gradients():
 def test_gated_combine_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="matching E"):
         gated_combine(jnp.zeros((4, 3)), jnp.ones((2, 4, 8)))
-
-
-def test_mode_forward_matches_independent_numpy():
-    params = init_mode(jax.random.key(0), init_llama(jax.random.key(1), CFG), CFG, MODE)
-    # A non-trivial gate, so every term of eq. 1 matters.
-    params["blocks"] = [{**b, "gate_w": 0.3 * jax.random.normal(jax.random.key(i), b["gate_w"].shape),
-                         "gate_b": jnp.array([0.5, -0.2, 0.1])} for i, b in enumerate(params["blocks"])]
-    tok = tokens()
-    logits = mode_forward(params, tok, CFG)
-    npp = numpy_llama.to_numpy(params)
-    for b in range(tok.shape[0]):
-        assert_close(logits[b], numpy_llama.mode_logits(npp, np.asarray(tok[b]), CFG), scale=5)
 
 
 def test_zero_experts_is_the_backbone_exactly():
@@ -106,15 +123,6 @@ def test_copy_init_takes_the_blocks_last_layers():
             np.testing.assert_array_equal(value, src[name])
 
 
-def test_gate_init_backbone_margin():
-    params = init_mode(jax.random.key(0), init_llama(jax.random.key(1), CFG), CFG,
-                       dataclasses.replace(MODE, gate_margin=2.0))
-    _, probs = mode_hidden(params, tokens(), CFG, return_probs=True)
-    # Zero weights, bias [2, 0, 0]: a_bb = e^2 / (e^2 + 2) = 0.7870 for every token.
-    for p in probs:
-        assert_close(p[..., 0], np.full(p.shape[:-1], np.e**2 / (np.e**2 + 2)))
-
-
 def test_stage2_gate_from_stage1():
     backbone = init_llama(jax.random.key(1), CFG)
     one = dataclasses.replace(MODE, n_experts=1)
@@ -127,11 +135,9 @@ def test_stage2_gate_from_stage1():
     composed = stage2_from_stage1(stage1, CFG, MODE)
     for i, block in enumerate(composed["blocks"]):
         a, b = stage1[0]["blocks"][i], stage1[1]["blocks"][i]
-        assert block["gate_w"].shape == (CFG.d_model, 3)
-        assert_close(block["gate_w"][:, 0], (a["gate_w"][:, 0] + b["gate_w"][:, 0]) / 2)
-        assert_close(block["gate_w"][:, 1], a["gate_w"][:, 1])
-        assert_close(block["gate_w"][:, 2], b["gate_w"][:, 1])
-        assert_close(block["gate_b"], [1.5, -1.0, -2.0])        # mean(1, 2), then carried over
+        want_w = np.stack([(a["gate_w"][:, 0] + b["gate_w"][:, 0]) / 2, a["gate_w"][:, 1], b["gate_w"][:, 1]], 1)
+        # gate_b: mean(1, 2) for the backbone, then each expert's column carried over
+        assert_trees_close((block["gate_w"], block["gate_b"]), (want_w, np.array([1.5, -1.0, -2.0])))
         assert block["experts"][1] is b["experts"][0]
     fresh = stage2_from_stage1(stage1, CFG, MODE, gate_from="fresh")
     assert_close(fresh["blocks"][0]["gate_b"], [MODE.gate_margin, 0.0, 0.0])

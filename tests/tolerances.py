@@ -1,13 +1,44 @@
-"""One tolerance table, by dtype, for every numeric comparison in the suite."""
+"""Every tolerance of the suite, in one place, each with the reason for its size.
 
+Most comparisons use the table by dtype (`TOL`, through `assert_close` for arrays and
+`assert_trees_close` for pytrees): the same computation done in another order or by
+another implementation. The named entries below it are for comparisons of another kind
+(quantized storage, a whole model against transformers, Monte Carlo estimates, ...).
+NaN never passes any of the helpers here.
+"""
+
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Same function, another summation order or implementation, at this dtype: a few ulps
+# of the dtype's epsilon (float32 1.2e-7, bfloat16 7.8e-3) times the depth of the sums in
+# the tiny test models. `scale=` widens it where a test says why (deeper chains of ops).
 TOL = {
     jnp.dtype(jnp.float64): dict(rtol=1e-10, atol=1e-12),
     jnp.dtype(jnp.float32): dict(rtol=1e-5, atol=1e-5),
     jnp.dtype(jnp.bfloat16): dict(rtol=2e-2, atol=2e-2),
 }
+
+# Relative to the largest magnitude of the reference (atol = rtol * max(1, max|expected|)):
+# for gradients that are differences of long dot products (the merge kernels' logit
+# gradient), where entries near zero carry the absolute error of the big ones.
+RELATIVE_TO_MAX = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
+
+# Sums of probabilities that must be 1 (softmax rows, mean routing weights): float32
+# rounding of a sum of a few terms.
+PROBABILITY_SUM = dict(rtol=0.0, atol=1e-5)
+
+# Monte Carlo estimates (bootstrap standard errors from ~4k-20k replicates) against their exact
+# or analytic values: the estimate of a standard deviation from B replicates has relative error
+# ~1/sqrt(2B), 0.5-1.1% here; 5% leaves room for that and for O(1/C) finite-sample terms.
+# Use as np.testing.assert_allclose(estimate, exact, **MONTE_CARLO) (fails on NaN).
+MONTE_CARLO = dict(rtol=0.05, atol=0.0)
+
+
+def _dtype(x, dtype):
+    return jnp.dtype(dtype if dtype is not None else jnp.asarray(x).dtype)
 
 
 def assert_close(actual, expected, dtype=None, scale=1.0, err_msg=""):
@@ -16,7 +47,7 @@ def assert_close(actual, expected, dtype=None, scale=1.0, err_msg=""):
     NaN never passes: it is rejected in both arguments, so a broken reference
     cannot pass silently either.
     """
-    dtype = jnp.dtype(dtype if dtype is not None else jnp.asarray(actual).dtype)
+    dtype = _dtype(actual, dtype)
     actual = np.asarray(jnp.asarray(actual, jnp.float32) if dtype == jnp.bfloat16 else actual)
     expected = np.asarray(expected, np.float64)
     assert not np.isnan(expected).any(), f"reference holds NaN {err_msg}"
@@ -26,8 +57,27 @@ def assert_close(actual, expected, dtype=None, scale=1.0, err_msg=""):
                                err_msg=err_msg)
 
 
-# Monte Carlo estimates (bootstrap standard errors from ~4k-20k replicates) against their exact
-# or analytic values: the estimate of a standard deviation from B replicates has relative error
-# ~1/sqrt(2B), 0.5-1.1% here; 5% leaves room for that and for O(1/C) finite-sample terms.
-# Use as np.testing.assert_allclose(estimate, exact, **MONTE_CARLO) (fails on NaN).
-MONTE_CARLO = dict(rtol=0.05, atol=0.0)
+def assert_trees_close(actual, expected, dtype=None, scale=1.0):
+    """`chex.assert_trees_all_close` at the table's tolerance for `dtype` (default: the first
+    leaf of `actual`), times `scale`: same tree structure, every leaf close. Leaves are
+    compared in float64 (bfloat16 has no numpy arithmetic); NaN is rejected in both trees
+    (numpy's allclose would let NaN == NaN pass)."""
+    dtype = _dtype(jax.tree.leaves(actual)[0], dtype)
+    as64 = lambda tree: jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+                                     if jnp.asarray(x).dtype == jnp.bfloat16 else np.asarray(x, np.float64), tree)
+    actual, expected = as64(actual), as64(expected)
+    chex.assert_tree_all_finite(expected)
+    chex.assert_tree_all_finite(actual)
+    tol = TOL[dtype]
+    chex.assert_trees_all_close(actual, expected, rtol=tol["rtol"] * scale, atol=tol["atol"] * scale)
+
+
+def assert_close_to_max(actual, expected, dtype=None, err_msg=""):
+    """allclose with rtol from `RELATIVE_TO_MAX` and atol = rtol * max(1, max|expected|)."""
+    rtol = RELATIVE_TO_MAX[_dtype(actual, dtype)]
+    actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+    expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
+    assert not np.isnan(expected).any(), f"reference holds NaN {err_msg}"
+    assert not np.isnan(actual).any(), f"result holds NaN {err_msg}"
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * max(1.0, float(np.abs(expected).max())),
+                               err_msg=err_msg)
