@@ -310,3 +310,34 @@ def test_math_plan_spreads_examples_evenly():
     per_module = {m: sum(t.count for t in tasks if t.module == m) for m in "abc"}
     assert per_module == {"a": 335, "b": 334, "c": 334}
     assert all(t.count <= mathgen.EXAMPLES_PER_CHUNK for t in tasks)
+
+
+def test_token_dtype_is_uint16_up_to_65536_ids_then_uint32():
+    # ids run 0 .. vocab_size - 1: 65,536 ids fit uint16 (max 65,535), one more does not
+    from mode_jax.data.pack import token_dtype
+    assert [token_dtype(v).name for v in (259, 49_152, 65_536, 65_537, 151_936)] == \
+        ["uint16", "uint16", "uint16", "uint32", "uint32"]
+
+
+def test_pack_as_uint32_keeps_ids_above_uint16():
+    docs = [[70_000, 3], [65_536], [151_935, 9, 10]]
+    got = pack(docs, eos_id=0, dtype=np.uint32)
+    assert got.dtype == np.uint32
+    assert got.tolist() == [70_000, 3, 0, 65_536, 0, 151_935, 9, 10, 0]     # written out by hand
+    with pytest.raises(ValueError, match="does not fit uint16"):
+        pack([[65_536]], eos_id=0, dtype=np.uint16)
+
+
+def test_store_round_trips_uint32_and_the_manifest_names_the_dtype(tmp_path):
+    tokens = np.array([5, 70_001, 2, 123_456, 2], dtype=np.uint32)
+    entry = store.write_tokens(tmp_path, "big", "train", tokens, dtype=np.uint32)
+    manifest = {"format": store.FORMAT, "dtype": "uint32", "domains": {"big": {"splits": {"train": entry}}}}
+    store.write_manifest(tmp_path, manifest)
+    got = store.load_split(tmp_path, "big", "train")
+    assert got.dtype == np.uint32 and got.tolist() == [5, 70_001, 2, 123_456, 2]
+    store.write_manifest(tmp_path, {**manifest, "dtype": "uint16"})    # a manifest that lies about it
+    with pytest.raises(store.DataError, match="the manifest says uint16"):
+        store.load_split(tmp_path, "big", "train")
+    store.write_manifest(tmp_path, {**manifest, "dtype": "int8"})
+    with pytest.raises(store.DataError, match="names token dtype 'int8'"):
+        store.read_manifest(tmp_path)

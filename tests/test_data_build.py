@@ -178,3 +178,48 @@ def test_build_refuses_an_out_path_that_is_a_file(local_sources, tmp_path):
         build_module.build(build_module.BuildConfig(out=out, download_dir=tmp_path, domains=("code",),
                                                     code_source=local_sources[0]),
                            tokenizer=ByteTokenizer(), tokenizer_info={})
+
+
+# ----------------------------------------------------------------------------- own domains
+
+def test_own_sources_read_paragraphs_files_and_globs(tmp_path):
+    from mode_jax.data import own_sources
+    from mode_jax.data.own_sources import DomainSpec, parse_domain
+
+    book = tmp_path / "book.txt"
+    book.write_bytes("\ufeffFirst para,\nsecond line.\n\n \t\nSecond para.\n\n\n".encode("utf-8"))   # BOM dropped
+    docs = list(own_sources.documents(parse_domain(f"b={book}")))
+    assert docs == ["First para,\nsecond line.", "Second para.", ""]
+    assert own_sources.check(parse_domain(f"b={book}")) == 2
+    folder = tmp_path / "notes"
+    for rel, text in (("b.txt", "bee"), ("a/c.md", "sea"), (".hidden", "no"), ("a/.git/x", "no")):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    assert list(own_sources.documents(parse_domain(f"n={folder}"))) == ["sea", "bee"]   # sorted paths, no dot-files
+    assert list(own_sources.documents(parse_domain(f"g={folder}/**/*.md"))) == ["sea"]
+    assert parse_domain("x=data.jsonl:body") == DomainSpec("x", "own", "data.jsonl", "body")
+    assert parse_domain("x=odd:name.jsonl", text_field="t") == DomainSpec("x", "own", "odd:name.jsonl", "t")
+    assert parse_domain("code") == DomainSpec("code", "code")
+
+
+def test_own_and_builtin_domains_build_together(local_sources, tmp_path):
+    code, _english = local_sources
+    notes = tmp_path / "notes.jsonl"
+    texts = [f"note {i}: {'la ' * (i % 5)}end" for i in range(30)] + ["note 3: la la la end", ""]
+    notes.write_text("".join(json.dumps({"text": t, "n": i}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "out"
+    assert cli.main(["data", "build", "--out", str(out), "--tokenizer", "bytes", "-q", "--code-source", str(code),
+                     "--domain", "code", "--domain", f"notes={notes}", "--split", "0.1,0.2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["domains"]) == ["code", "notes"]
+    entry = manifest["domains"]["notes"]
+    assert entry["documents"] == {"read": 32, "empty_skipped": 1, "duplicates_dropped": 1, "kept": 30}
+    assert entry["split_fractions"] == {"train": 0.7, "validation": 0.1, "test": 0.2}
+    assert entry["source"]["sha256"] == hashlib.sha256(
+        f"notes.jsonl\0{hashlib.sha256(notes.read_bytes()).hexdigest()}\n".encode()).hexdigest()
+    streams = {"train": [], "validation": [], "test": []}
+    for t in texts[:30]:
+        u = int(hashlib.sha256(t.encode()).hexdigest()[:16], 16) / 2**64
+        streams["test" if u < 0.2 else "validation" if u < 0.3 else "train"] += [b + OFFSET for b in t.encode()] + [EOS]
+    for split, ids in streams.items():
+        assert store.load_split(out, "notes", split).tolist() == ids

@@ -162,3 +162,64 @@ def test_smollm2_pinned_ids(smollm2_tokenizer):
     for text, ids in PINNED.items():
         assert tok.encode(text) == ids, text
         assert tok.decode(ids) == text
+
+
+# ----------------------------------------------------------------------------- tokenizer.json and vocab_hash
+
+def test_vocab_hash_by_hand(tmp_path):
+    import hashlib
+    import json
+
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    from mode_jax.tokenizer import vocab_hash
+    tok = Tokenizer(Backend(models.WordLevel(vocab={"b": 1, "a": 0, "é": 2}, unk_token="a")), bos_id=0, eos_id=1)
+    assert vocab_hash(tok) == hashlib.sha256('[[0,"a"],[1,"b"],[2,"é"]]'.encode()).hexdigest()
+    other = Tokenizer(Backend(models.WordLevel(vocab={"b": 0, "a": 1, "é": 2}, unk_token="a")), bos_id=0, eos_id=1)
+    assert vocab_hash(other) != vocab_hash(tok)            # same spellings, other ids
+    assert json.dumps(sorted(tok.vocab().items())) == '[["a", 0], ["b", 1], ["\\u00e9", 2]]'
+
+
+def _hf_dir(tmp_path, tiny, **configs):
+    import json
+    tiny.backend.save(str(tmp_path / "tokenizer.json"))
+    for name, value in configs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(value))
+    return tmp_path
+
+
+def test_tokenizer_json_agrees_with_the_gguf_metadata(tiny, tmp_path):
+    from mode_jax.tokenizer import load_hf_tokenizer, model_tokenizer, vocab_hash
+    path = _hf_dir(tmp_path, tiny, config={"eos_token_id": [2, 0], "bos_token_id": 1, "vocab_size": 300})
+    hf = load_hf_tokenizer(path)
+    assert (hf.eos_id, hf.bos_id, hf.vocab_size) == (2, 1, tiny.vocab_size)
+    assert vocab_hash(hf) == vocab_hash(tiny) and model_tokenizer(path).eos_id == 2
+    for text in ("the 12 thin  in", "x =  42\n<|im_end|>", "ünïcode ∂"):
+        assert hf.encode(text) == tiny.encode(text)
+
+
+def test_tokenizer_config_names_the_eos(tiny, tmp_path):
+    from mode_jax.tokenizer import load_hf_tokenizer
+    path = _hf_dir(tmp_path, tiny, tokenizer_config={"eos_token": {"content": "<|im_end|>"}})
+    assert load_hf_tokenizer(path / "tokenizer.json").eos_id == 2
+
+
+@pytest.mark.parametrize("configs, message", [
+    ({}, "no EOS token"),
+    ({"tokenizer_config": {"eos_token": "</s>"}}, "names eos_token '</s>', which"),
+    ({"config": {"eos_token_id": 2, "vocab_size": 100}}, "does not fit the model's embedding"),
+])
+def test_hf_tokenizer_errors(tiny, tmp_path, configs, message):
+    from mode_jax.tokenizer import load_hf_tokenizer
+    with pytest.raises(ModelFileError, match=message):
+        load_hf_tokenizer(_hf_dir(tmp_path, tiny, **configs))
+
+
+def test_unreadable_or_missing_tokenizer_json(tmp_path):
+    from mode_jax.tokenizer import load_hf_tokenizer
+    with pytest.raises(ModelFileError, match="has no tokenizer.json"):
+        load_hf_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelFileError, match="not a readable tokenizer.json"):
+        load_hf_tokenizer(tmp_path)

@@ -169,9 +169,9 @@ def _tokenizer(args, cache):
     from mode_jax.tokenizer import model_tokenizer
 
     model = args.model
-    if model not in fetch.MODELS and Path(model).is_dir():
+    if model not in fetch.MODELS and (Path(model).is_dir() or model.endswith(".json")):
         path, kind = Path(model), "hf"
-        if not (path / "config.json").is_file() and not (path / "tokenizer.json").is_file():
+        if path.is_dir() and not (path / "config.json").is_file() and not (path / "tokenizer.json").is_file():
             raise UserError(f"{path} has neither config.json nor tokenizer.json: not a Hugging Face model directory")
     else:
         path, kind = fetch.resolve_model(model, cache_dir=cache, progress=not args.quiet), "gguf"

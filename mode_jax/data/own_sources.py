@@ -119,7 +119,7 @@ def documents(spec: DomainSpec) -> Iterator[str]:
         if how == "files":
             yield text
         elif how == "text":
-            yield from (p.strip("\n") for p in re.split(r"\n[ \t\r]*\n", text))
+            yield from (p.strip("\n") for p in re.split(r"\n(?:[ \t\r]*\n)+", text))
         else:
             yield from _jsonl(path, text, spec.field)
 

@@ -27,7 +27,8 @@ def add_config_args(p: argparse.ArgumentParser, *, default_preset: str | None = 
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.steps=20 (repeatable)")
     g.add_argument("--data-dir", default=None, help="built data directory (= --set data.dir=...)")
-    g.add_argument("--model", default=None, help="backbone: a fetched model name, a .gguf path, or 'tiny'")
+    g.add_argument("--model", default=None, help="backbone: a fetched model name, a .gguf path, a Hugging Face directory "
+                        "(config.json, *.safetensors, tokenizer.json), or 'tiny'")
     g.add_argument("--seed", type=int, default=None, help="= --set train.seed=N")
     p.set_defaults(default_preset=default_preset)
 
