@@ -131,3 +131,26 @@ def test_eval_loads_an_expert_on_its_own(two_runs, tmp_path, capsys):
         assert result["domains"][d]["accuracy"] == trained["domains"][d]["accuracy"]
         assert result["domains"][d]["loss"] == trained["domains"][d]["loss"]
     assert dataclasses.is_dataclass(expert_io.load_expert(two_runs / "code" / "expert-code.safetensors"))
+
+
+def test_qwen2_expert_keeps_its_biases(tmp_path):
+    """An expert over a Qwen2 backbone carries q/k/v biases (copied from the backbone's layers):
+    they are saved and loaded like the other tensors."""
+    from mode_jax.pipeline import sources
+    from mode_jax.ref.config import LlamaConfig, ModeConfig
+    from mode_jax.ref.llama import init_llama
+    from mode_jax.ref.methods import init_method
+
+    llama = LlamaConfig.tiny(qkv_bias=True)
+    mode = ModeConfig(n_blocks=2, expert_layers=1, n_experts=1)
+    backbone = init_llama(jax.random.key(0), llama)
+    params = init_method("stage1", jax.random.key(1), backbone, llama, mode=mode)
+    expert = expert_io.from_stage1(params, domain="math", llama=llama, mode=mode,
+                                   fingerprint=sources.fingerprint(backbone), training={"steps": 0})
+    loaded = expert_io.load_expert(expert_io.save_expert(tmp_path / "q.safetensors", expert))
+    assert loaded.llama == llama
+    for block, want in zip(loaded.layers, params["blocks"]):
+        assert set(block[0]) >= {"bq", "bk", "bv"}
+        for key in ("bq", "bk", "bv"):
+            np.testing.assert_array_equal(block[0][key], np.asarray(want["experts"][0][0][key]))
+            assert np.abs(block[0][key]).max() > 0

@@ -40,7 +40,7 @@ from mode_jax.atomic import atomic_path
 from mode_jax.errors import UserError
 from mode_jax.integrity import check_finite, content_sha256, strict_json
 from mode_jax.ref.config import LlamaConfig, ModeConfig
-from mode_jax.ref.llama import LAYER_KEYS, layer_shapes
+from mode_jax.ref.llama import layer_keys, layer_shapes
 
 FORMAT = "mode-jax-expert/1"
 
@@ -84,7 +84,7 @@ def save_expert(path: str | os.PathLike, expert: Expert) -> Path:
     tensors = {}
     for i, (block, (w, b)) in enumerate(zip(expert.layers, expert.gates)):
         for j, layer in enumerate(block):
-            for key in LAYER_KEYS:
+            for key in layer_keys(expert.llama):     # Qwen2's q/k/v biases included
                 tensors[f"block{i}.layer{j}.{key}"] = np.ascontiguousarray(layer[key], np.float32)
         tensors[f"block{i}.gate_w"] = np.ascontiguousarray(w, np.float32)
         tensors[f"block{i}.gate_b"] = np.ascontiguousarray(b, np.float32)
@@ -120,13 +120,13 @@ def load_expert(path: str | os.PathLike) -> Expert:
         block = []
         for j in range(mode.expert_layers):
             layer = {}
-            for key in LAYER_KEYS:
+            for key in shapes:
                 layer[key] = _tensor(tensors, f"block{i}.layer{j}.{key}", shapes[key], path)
             block.append(layer)
         layers.append(block)
         gates.append((_tensor(tensors, f"block{i}.gate_w", (llama.d_model, 2), path),
                       _tensor(tensors, f"block{i}.gate_b", (2,), path)))
-    expected = mode.n_blocks * (mode.expert_layers * len(LAYER_KEYS) + 2)
+    expected = mode.n_blocks * (mode.expert_layers * len(shapes) + 2)
     if len(tensors) != expected:
         raise ExpertFileError(f"{path} holds {len(tensors)} tensors, its metadata implies {expected}")
     return Expert(domain, layers, gates, llama, mode, fp, training, path, base)
