@@ -4,10 +4,13 @@
   an fsdp=8 mesh and on one device, with the target's shardings; a killed save's
   temporary directory is never taken for a checkpoint and is cleaned by the next save;
   a checkpoint that does not fit the run is a one-line error.
+* Lifetime: while a phase trains only its newest checkpoint exists; once its artifact
+  and result are written its checkpoints are deleted, unless --keep-checkpoints.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mode_jax.cli import main
 from mode_jax.errors import UserError
 from mode_jax.pipeline import checkpoint
 
@@ -85,3 +89,42 @@ def test_checkpoint_of_another_state_is_refused(tmp_path):
             checkpoint.restore(path, trainable_template=t_like, opt_template=opt)
         assert "\n" not in str(err.value)
 
+
+# ----------------------------------------------------------------------------- CLI
+STEPS = 6
+
+
+def _watch_saves(monkeypatch):
+    """The checkpoint directory's contents right after each save of the run."""
+    seen, real = [], checkpoint.save
+
+    def save(directory, **kw):
+        path = real(directory, **kw)
+        seen.append(sorted(p.name for p in Path(directory).iterdir()))
+        return path
+    monkeypatch.setattr(checkpoint, "save", save)
+    return seen
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_phase_keeps_its_last_checkpoint_and_deletes_them_when_done(tmp_path, monkeypatch, keep):
+    seen = _watch_saves(monkeypatch)
+    out = tmp_path / "run"
+    argv = ["train-expert", "--domain", "math", "--out", str(out), "--preset", "smoke", "--quiet",
+            "--steps", str(STEPS), "--set", "train.checkpoint_every=2"]
+    assert main(argv + (["--keep-checkpoints"] if keep else [])) == 0
+    assert seen == [["step-00000002"], ["step-00000004"]]        # the final step needs none
+    assert (out / "expert-math.safetensors").is_file() and (out / "result.json").is_file()
+    if keep:
+        assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step-00000004"]
+    else:
+        assert not (out / "checkpoints").exists()
+
+
+def test_finetune_deletes_its_checkpoints_when_done(tmp_path, monkeypatch):
+    seen = _watch_saves(monkeypatch)
+    out = tmp_path / "run"
+    assert main(["finetune", "--method", "lora", "--out", str(out), "--preset", "smoke", "--quiet",
+                 "--steps", "3", "--set", "train.checkpoint_every=2"]) == 0
+    assert seen == [["step-00000002"]] and (out / "model.safetensors").is_file()
+    assert not (out / "checkpoints").exists()

@@ -39,7 +39,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="run directory (default runs/<command>-<time>); holds config.toml, metrics.jsonl, "
                         "checkpoints/ and the results")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (same config required)")
+                   help="continue the run in --out from its last checkpoint (same config, except the "
+                        "learning rates and other optimizer settings, which may change)")
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep a phase's checkpoints once its artifact is written (default: deleted then; "
+                        "while it trains only the newest is kept)")
     g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop training after this many seconds, with a checkpoint; rerun with --resume to go on")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -77,6 +81,7 @@ def parallelism(args):
 def start(ctx, args, deadline) -> None:
     """The run-time settings of a training command's context: time limit, throttle, parallelism."""
     ctx.deadline, ctx.throttle = deadline, args.throttle
+    ctx.keep_checkpoints = args.keep_checkpoints
     ctx.parallelism = parallelism(args)
     if ctx.parallelism is not None and not args.quiet:
         print(f"parallelism: {ctx.parallelism.describe()}", file=sys.stderr)

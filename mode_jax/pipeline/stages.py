@@ -24,7 +24,7 @@ import numpy as np
 
 from mode_jax.data.mixture import MixtureSampler
 from mode_jax.errors import UserError
-from mode_jax.pipeline import engine, expert_io, sources
+from mode_jax.pipeline import checkpoint, engine, expert_io, sources
 from mode_jax.pipeline.presets import PipelineConfig
 from mode_jax.pipeline.runs import RunDir
 from mode_jax.ref.config import LoraConfig, OptimConfig
@@ -41,6 +41,7 @@ class Context:
     deadline: float | None = None        # time.time() after which training stops (resumable)
     throttle: float = 0.0                # seconds to sleep after each step (tests of kill/resume)
     parallelism: Any = None              # mode_jax.distributed.Parallelism (--mesh / --placement) or None
+    keep_checkpoints: bool = False       # --keep-checkpoints: a finished phase keeps its checkpoints
     separator: int | None = None         # the EOS between packed documents (left out of per-unit counts)
     eval_documents: dict | None = None   # domain -> (document id of every eval target [n, T], unit)
 
@@ -164,6 +165,10 @@ def _result(ctx: Context, run: RunDir, *, label: str, method: str, params: dict,
               "mode_defaults_used": dataclasses.asdict(ctx.cfg.mode), **(extra or {})}
     result.update(evaluate_params(ctx, params, method=method, desc=f"eval {label}"))
     run.write_result(result)
+    if not ctx.keep_checkpoints:
+        # The phase is finished (artifact and result written): its training state is no
+        # longer needed to resume, and on a real model it is the bulk of the run's size.
+        checkpoint.delete_all(run.checkpoints)
     return result
 
 
