@@ -64,6 +64,11 @@ def test_bad_sweep_table_is_refused(tmp_path, capsys):
     assert_refused(capsys, ["sweep", str(path), "--out", str(out)], out, "unknown key sweep.repeat")
     path.write_text('[sweep]\nbase = "smoke"\nbaseline = "ful"\n[[sweep.cell]]\nmethod = "full"\n')
     assert_refused(capsys, ["sweep", str(path), "--out", str(out)], out, "sweep.baseline 'ful'")
+    path.write_text('[sweep]\nbase = "smoke"\n[[sweep.cell]]\nmethod = "full"\n')
+    assert_refused(capsys, ["sweep", str(path), "--out", str(out), "--set", "train.stepz=3"], out,
+                   "unknown key 'train.stepz'")
+    assert_refused(capsys, ["sweep", str(path), "--out", str(out), "--set", "train.steps=0"], out,
+                   "train.steps must be")
 
 
 def test_grid_expansion(tmp_path):
@@ -82,6 +87,12 @@ def test_grid_expansion(tmp_path):
     assert grid.cells[4].cfg.mode.gate_margin == 4.0 and grid.cells[0].cfg.mode.gate_margin == base.mode.gate_margin
     ids = [c.id for c in grid.cells]
     assert len(set(ids)) == 6 and ids == [c.id for c in sweep.load_grid(grid.path).cells]
+    # --set: over sweep.set, under the cells; where the data lies is not part of a run's identity
+    moved = sweep.load_grid(path, ['data.dir="/elsewhere"', "train.warmup_steps=3", "train.steps=7"])
+    assert [c.cfg.data.dir for c in moved.cells] == ["/elsewhere"] * 6
+    assert [c.cfg.train.warmup_steps for c in moved.cells] == [2, 2, 2, 2, 3, 3]
+    assert moved.cells[0].cfg.train.steps == 7 and moved.cells[0].id != ids[0]
+    assert [c.id for c in sweep.load_grid(path, ['data.dir="/elsewhere"']).cells] == ids
 
 
 def _env(tmp_path):
@@ -148,6 +159,7 @@ def test_sweep_kill_resume_and_report(tmp_path):
             expected = np.mean([sum(x["correct"]) / sum(x["tokens"]) for x in docs])
             cell = row["domains"][d]
             assert cell["estimate"] == pytest.approx(expected, abs=1e-12)
+            assert cell["per_seed"] == pytest.approx([sum(x["correct"]) / sum(x["tokens"]) for x in docs], abs=1e-12)
             assert cell["low"] <= cell["estimate"] <= cell["high"] and cell["high"] > cell["low"]
             assert cell["unit"] == "document" and not cell["shared_documents"]   # synthetic: per-seed test set
     (diff,) = table["differences"]
@@ -162,6 +174,7 @@ def test_sweep_kill_resume_and_report(tmp_path):
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "differences.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_mode_cells_share_their_experts(tmp_path):
     cells = '[[sweep.cell]]\nmethod = "mode"\n[[sweep.cell]]\nmethod = "mode-frozen"\n"train.steps" = 3\n'
     grid = _grid(tmp_path, cells)

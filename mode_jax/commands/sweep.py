@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("dir", nargs="?", default=None, metavar="DIR", help="(report) the sweep's output directory")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default runs/sweep-<grid name>); rerun with the same one to resume")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config key for every run, e.g. --set data.dir=/data (repeatable; over sweep.set, "
+                        "under the cells' own keys)")
     p.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="JAX persistent compilation cache (default <out>/jax-cache)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
@@ -51,7 +54,7 @@ def run(args) -> int:
         raise UserError(f"unexpected argument {args.dir!r} (did you mean `mode-jax sweep report {args.dir}`?)")
     from mode_jax.pipeline import sweep, sweep_run
 
-    grid = sweep.load_grid(args.grid)
+    grid = sweep.load_grid(args.grid, args.overrides)
     if args.time_limit is not None and args.time_limit <= 0:
         raise UserError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
     if args.dry_run:

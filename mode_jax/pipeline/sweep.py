@@ -58,7 +58,11 @@ class Cell:
 
     @property
     def id(self) -> str:
-        blob = json.dumps({"method": self.method, "config": self.cfg.to_dict()}, sort_keys=True)
+        # Where the data lies (data.dir) is not part of what was run: a sweep carried to
+        # another machine, its data elsewhere, still skips its finished runs.
+        config = self.cfg.to_dict()
+        config["data"] = {k: v for k, v in config["data"].items() if k != "dir"}
+        blob = json.dumps({"method": self.method, "config": config}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -119,8 +123,9 @@ def _fmt(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def load_grid(path: str | Path) -> Grid:
+def load_grid(path: str | Path, overrides: list[str] = ()) -> Grid:
     """Parse and expand a grid file; every run's config is built (so range-checked) here.
+    `overrides` ("section.key=value", as --set) go on top of sweep.set, beneath the cells.
     Raises UserError (one line) for an unknown key, a bad value or an empty axis."""
     path = Path(path)
     doc = presets.read_toml(path)
@@ -145,8 +150,9 @@ def load_grid(path: str | Path) -> Grid:
     if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise UserError(f"{where}: sweep.seeds must be distinct integers >= 0, got {seeds}")
     common = _flatten(sweep.get("set", {}), f"{where} sweep.set")
+    common.update(_flatten(presets.apply_overrides({}, list(overrides)), "--set"))
     for key in common:
-        _check_key(key, f"{where} sweep.set")
+        _check_key(key, f"{where} sweep.set / --set")
     specs = sweep.get("cell", [])
     if not isinstance(specs, list) or not specs:
         raise UserError(f"{where}: no [[sweep.cell]] (the grid has no runs)")

@@ -71,7 +71,8 @@ def build(out: Path, *, baseline: str | None = None, n_boot: int = stats.N_BOOT)
         for d in domains:
             ys, ns, shared, unit = _counts(runs, d)
             row["domains"][d] = {**stats.bootstrap_accuracy(ys, ns, shared_documents=shared, n_boot=n_boot).to_dict(),
-                                 "unit": unit, "shared_documents": shared}
+                                 "unit": unit, "shared_documents": shared,
+                                 "per_seed": [float(y.sum() / n.sum()) for y, n in zip(ys, ns)]}
         row["avg"] = float(np.mean([row["domains"][d]["estimate"] for d in domains]))
         rows.append(row)
         if baseline is None or name == baseline:
