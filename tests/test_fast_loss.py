@@ -69,7 +69,7 @@ def test_float32_accuracy_is_exact():
     h, w, targets, mask = inputs(0, (3, 5), jnp.float32, True)
     got, _ = fast(h, w, targets, mask, 4)
     want, _ = ref(h, w, targets, mask)
-    assert float(got["accuracy"]) == pytest.approx(float(want["accuracy"]), abs=1e-7)
+    assert float(got["accuracy"]) == float(want["accuracy"])     # same argmax in float32: the same count
 
 
 def test_by_hand():

@@ -11,8 +11,8 @@ is tested unsharded only (test_kernel_gated_combine.py).
 
 Tokens are split over `dp`, and optionally the width over `tp`, whose backward
 needs the logits' cotangent summed over `tp`. Values and vjps (random cotangent)
-are compared at the kernel tests' tolerance: float32 1e-5 relative, with the
-absolute floor scaled by the reference's largest magnitude.
+are compared at the kernel tests' tolerance (tests/tolerances.py RELATIVE_TO_MAX: float32
+1e-5 relative, with the absolute floor scaled by the reference's largest magnitude).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from mode_jax.fast.sharded_combine import sharded_gated_combine
 from mode_jax.fast.sharding import make_mesh
 from mode_jax.kernels.gated_combine import BlockSizes, gated_combine
 from mode_jax.ref.mode import gated_combine as ref_gated_combine
+from tests.tolerances import assert_close_to_max
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 MESH_AXES = (("dp", 4), ("tp", 2))
@@ -49,13 +49,6 @@ def _inputs(seed: int, n_experts: int):
     return logits, outputs, dy
 
 
-def _assert_close(actual, expected, what):
-    expected = np.asarray(expected, np.float64)
-    atol = 1e-5 * max(1.0, float(np.max(np.abs(expected))))
-    assert not np.isnan(np.asarray(actual)).any(), what
-    np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-5, atol=atol, err_msg=what)
-
-
 @pytest.mark.parametrize("width_axes", [(), ("tp",)], ids=["tokens", "tokens+width"])
 @pytest.mark.parametrize("name", list(COMBINES))
 def test_sharded_combine_matches_reference(name, width_axes):
@@ -73,9 +66,9 @@ def test_sharded_combine_matches_reference(name, width_axes):
     d_logits, d_outputs = vjp(dy)
     y_ref, vjp_ref = jax.vjp(ref_gated_combine, logits, outputs)
     d_logits_ref, d_outputs_ref = vjp_ref(dy)
-    _assert_close(y, y_ref, "y")
-    _assert_close(d_logits, d_logits_ref, "d_logits")
-    _assert_close(d_outputs, d_outputs_ref, "d_outputs")
+    assert_close_to_max(y, y_ref, err_msg="y")
+    assert_close_to_max(d_logits, d_logits_ref, err_msg="d_logits")
+    assert_close_to_max(d_outputs, d_outputs_ref, err_msg="d_outputs")
     # The output stays split as the inputs were: nothing was gathered onto one device.
     assert y.sharding.spec[0] == "dp" and (not width_axes or y.sharding.spec[-1] == "tp")
 
@@ -94,7 +87,7 @@ def test_sharded_combine_under_grad_of_a_loss():
     got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(w, outputs, sharded)
     want = jax.grad(loss, argnums=(0, 1))(w, outputs, ref_gated_combine)
     for g, r, what in zip(got, want, ("d_w", "d_outputs")):
-        _assert_close(g, r, what)
+        assert_close_to_max(g, r, err_msg=what)
 
 
 def test_sharded_combine_checks_shapes_and_axes():
