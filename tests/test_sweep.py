@@ -190,3 +190,47 @@ def test_mode_cells_share_their_experts(tmp_path):
         assert r["phases"]["expert-math"]["train_steps"] == 4
         assert r["result"]["routing_columns"] == ["backbone", "math", "code"]
     assert records[1]["result"]["params_trainable"] < records[0]["result"]["params_trainable"]
+
+
+@pytest.mark.slow
+def test_time_limit_then_resume_and_seeds_reuse_compiled_steps(tmp_path, monkeypatch):
+    """--time-limit stops inside a run (checkpoint written, nothing recorded); the same
+    command again finishes it, and a later seed's run compiles nothing new (same shapes and
+    static configs: jit's cache serves it). Seed 1 may compile once more: seed 0 resumed
+    from a checkpoint, whose restored arrays can be laid out unlike freshly made ones."""
+    import jax
+
+    from mode_jax.pipeline import sweep_run
+
+    cells = '[[sweep.cell]]\nmethod = "full"\n'
+    grid = _grid(tmp_path, cells)
+    grid.write_text(grid.read_text().replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(grid), "--out", str(out), "--quiet"]
+    assert main(argv + ["--time-limit", "1.5", "--throttle", "0.5"]) == 0
+    assert _lines(out) == []
+    (first,) = list((out / "cells").iterdir())
+    assert checkpoint.latest(first / "run" / "checkpoints") is not None
+
+    compiles, per_cell = [], {}
+    listener = lambda name, secs, **kw: compiles.append(name) if "backend_compile" in name else None  # noqa: E731
+    run_cell = sweep_run.run_cell
+
+    def counted(cell, out, **kw):
+        before = len(compiles)
+        record = run_cell(cell, out, **kw)
+        per_cell[cell.seed] = len(compiles) - before
+        return record
+
+    monkeypatch.setattr(sweep_run, "run_cell", counted)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        assert main(argv) == 0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    records = [json.loads(x) for x in _lines(out)]
+    assert [r["seed"] for r in records] == [0, 1, 2] and records[0]["cell"] == first.name
+    steps = [m["step"] for m in map(json.loads, (first / "run" / "metrics.jsonl").read_text().splitlines())
+             if m.get("phase") == "full-ft"]
+    assert steps == list(range(1, 7))
+    assert per_cell[2] == 0 < per_cell[0], per_cell
