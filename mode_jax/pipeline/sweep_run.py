@@ -15,6 +15,7 @@ otherwise fill the disk; experts are kept, later runs may compose them.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import shutil
@@ -41,13 +42,14 @@ def _key(cfg: presets.PipelineConfig) -> str:
 
 def check(grid: Grid) -> None:
     """Cheap checks of every run's inputs (data built, model fetched), before anything runs."""
-    from mode_jax.pipeline import stages
+    from mode_jax.pipeline import sources, stages
     seen = set()
     for cell in grid.cells:
         key = (cell.cfg.data, cell.cfg.model, cell.cfg.domains)
         if key not in seen:
             seen.add(key)
-            stages.check_inputs(cell.cfg, cell.cfg.eval_domains)
+            cfg = sources.resolve_domains(cell.cfg)
+            stages.check_inputs(cfg, cfg.eval_domains)
 
 
 def run_grid(grid: Grid, out: Path, *, progress: bool = True, deadline: float | None = None,
@@ -72,6 +74,7 @@ def run_grid(grid: Grid, out: Path, *, progress: bool = True, deadline: float | 
             if record is None:
                 break
             append_result(out, record)
+            gc.collect()            # the run's arrays (cycles included) go before the next one's
             if not keep_models:
                 _drop_models(out / "cells" / cell.id)
             finished += 1
@@ -84,7 +87,7 @@ def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | 
     """Train and evaluate one run; its record for results.jsonl, or None if the deadline stopped it."""
     from mode_jax.pipeline import expert_io, sources, stages
 
-    cfg = cell.cfg
+    cfg = sources.resolve_domains(cell.cfg)      # empty domains.targets: the data's domains
     began = time.time()
     ctx = stages.prepare(cfg, cfg.domains.targets, progress=progress)
     ctx.deadline, ctx.throttle = deadline, throttle
