@@ -87,7 +87,21 @@ def start(ctx, args, deadline) -> None:
         print(f"parallelism: {ctx.parallelism.describe()}", file=sys.stderr)
 
 
+def start_processes(args) -> None:
+    """jax.distributed for a multi-process run (--coordinator, or the environment): it must
+    start before anything touches a device, and loading the backbone does, so every
+    command calls this first (through config_from_args). A no-op for one process."""
+    from mode_jax import distributed
+    from mode_jax.errors import UserError
+    try:
+        distributed.initialize(getattr(args, "coordinator", None), getattr(args, "num_processes", None),
+                               getattr(args, "process_id", None))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def config_from_args(args) -> presets.PipelineConfig:
+    start_processes(args)
     overrides = list(args.overrides)
     if getattr(args, "data_dir", None):
         overrides.append(f"data.dir={presets._toml_value(args.data_dir)}")

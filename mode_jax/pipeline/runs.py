@@ -58,12 +58,14 @@ class RunDir:
                                 f"({fixed[0]}: {changed[fixed[0]][0]!r} vs {changed[fixed[0]][1]!r}); resume with "
                                 f"the same config "
                                 f"(only {', '.join(RESUMABLE_CHANGES)} may change)")
-            if changed:
+            if changed and run.writer:
                 # E.g. a lower learning rate after a run stopped at a non-finite loss: the state
                 # in the checkpoint does not depend on these keys, the steps from now on do.
                 print(f"--resume: going on with changed {', '.join(changed)}", file=sys.stderr)
                 write_text_atomic(run.path / CONFIG, presets.to_toml(cfg))
             return run
+        if not run.writer:
+            return run      # process 0 checks and creates it
         if run.path.exists() and not run.path.is_dir():
             raise UserError(f"run directory {run.path} exists and is not a directory: choose another --out")
         if run.path.exists() and any(run.path.iterdir()):
@@ -75,6 +77,14 @@ class RunDir:
             "kind": kind, "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "software": software_versions(), **(info or {})}, indent=2, sort_keys=True) + "\n")
         return run
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run's files: process 0 of a multi-process run.
+        Every process computes the same values; checkpoints are written by all of them
+        (each its own shards, mode_jax/pipeline/checkpoint.py)."""
+        import jax
+        return jax.process_index() == 0
 
     # ------------------------------------------------------------------ contents
     def config(self) -> presets.PipelineConfig:
@@ -94,11 +104,14 @@ class RunDir:
         return json.loads((self.path / RESULT).read_text())
 
     def write_result(self, result: dict[str, Any]) -> None:
-        write_text_atomic(self.path / RESULT, strict_json(result, indent=2, sort_keys=True) + "\n")
+        if self.writer:
+            write_text_atomic(self.path / RESULT, strict_json(result, indent=2, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------ metrics
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (flushed, so a killed run keeps what it logged)."""
+        if not self.writer:
+            return
         with open(self.path / METRICS, "a", encoding="utf-8") as f:
             f.write(strict_json(record, sort_keys=True) + "\n")
             f.flush()
@@ -118,6 +131,8 @@ class RunDir:
     def truncate_metrics(self, phase: str, step: int) -> None:
         """Drop `phase` training lines after `step` (logged by a run killed after its last
         checkpoint), so a resumed run's curve has each step exactly once."""
+        if not self.writer:
+            return
         kept = [m for m in self.metrics() if not (m.get("phase") == phase and m.get("step", -1) > step)]
         write_text_atomic(self.path / METRICS, "".join(strict_json(m, sort_keys=True) + "\n" for m in kept))
 

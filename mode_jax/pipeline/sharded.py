@@ -66,7 +66,14 @@ def _host(tree):
     """The (sharded) tree as host numpy arrays; across processes, gathered from all of them."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
-        return multihost_utils.process_allgather(tree, tiled=True)
+
+        # Only arrays spread over several processes are gathered: process_allgather would
+        # stack a process-local array (the frozen backbone each process holds) once per process.
+        def one(x):
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            return np.asarray(x)
+        return jax.tree.map(one, tree)
     return jax.tree.map(np.asarray, tree)
 
 

@@ -191,7 +191,9 @@ def train_expert(ctx: Context, run: RunDir, domain: str) -> dict | None:
     info = _training_info(ctx, "stage1", (domain,), cfg.train.stage1_steps)
     expert = expert_io.from_stage1(out.params, domain=domain, llama=ctx.llama, mode=mode,
                                    fingerprint=ctx.backbone.fingerprint, training=info, base=ctx.backbone.base)
-    path = expert_io.save_expert(run.path / f"expert-{domain}.safetensors", expert)
+    path = run.path / f"expert-{domain}.safetensors"
+    if run.writer:      # process 0 of a multi-process run writes the files
+        expert_io.save_expert(path, expert)
     return _result(ctx, run, label=f"expert-{domain}", method="stage1", params=out.params, outcome=out,
                    extra={"expert_file": path.name, "domain": domain, "routing_columns": ["backbone", domain]})
 
@@ -242,7 +244,8 @@ def _finish_mixture(ctx, run, label, method, params, domains, lr, extra, lora=No
     info = {**_training_info(ctx, method, domains, cfg.train.steps), "backbone_fingerprint":
             ctx.backbone.fingerprint, "lora": dataclasses.asdict(lora) if lora else None, "label": label,
             "base_model": ctx.backbone.base}
-    expert_io.save_model(run.path / "model.safetensors", out.params, method=method, metadata=info)
+    if run.writer:
+        expert_io.save_model(run.path / "model.safetensors", out.params, method=method, metadata=info)
     cols = ["backbone", *domains] if "blocks" in out.params else None
     return _result(ctx, run, label=label, method=method, params=out.params, outcome=out,
                    extra={**extra, "model_file": "model.safetensors", "domains_trained": list(domains),
