@@ -212,19 +212,24 @@ def decode_step(prepared: dict, cache: dict, token: jax.Array, write: jax.Array,
     return sample(step_key(key, step), logits, sampling), logits, routing, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "max_new", "keep_logits"))
+@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "max_new", "keep_logits", "unroll"))
 def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax.Array, first_routing: jax.Array,
                 start: jax.Array, pad: jax.Array, key: jax.Array, eos_id: jax.Array, *, cfg: LlamaConfig,
-                fast: FastConfig, sampling: SamplingConfig, max_new: int, keep_logits: bool = False):
+                fast: FastConfig, sampling: SamplingConfig, max_new: int, keep_logits: bool = False,
+                unroll: int = 1):
     """Steps 1..max_new-1 after the prefill's token `first` [B] (written at index `start`),
     in one `lax.while_loop` that ends early once every row has emitted `eos_id` (-1: none).
     -> (tokens [B, max_new] (after a row's EOS: EOS), routing [B, max_new, n_blocks, E]
     (the gate of the position that predicted each token), logits [B, max_new, V] or None,
-    steps taken)."""
-    b = first.shape[0]
-    tokens = jnp.full((b, max_new), jnp.maximum(eos_id, 0), jnp.int32).at[:, 0].set(first)
-    routing = jnp.zeros((b, max_new, *first_routing.shape[1:]), F32).at[:, 0].set(first_routing)
-    logits_out = jnp.zeros((b, max_new if keep_logits else 1, first_logits.shape[-1]), F32)
+    steps taken).
+
+    `unroll` decode steps run per loop iteration (fewer loop-condition round trips to the
+    host on a GPU); up to unroll - 1 steps past max_new are computed and dropped, so the
+    cache needs start + max_new + unroll - 1 positions."""
+    b, width = first.shape[0], max_new + unroll - 1
+    tokens = jnp.full((b, width), jnp.maximum(eos_id, 0), jnp.int32).at[:, 0].set(first)
+    routing = jnp.zeros((b, width, *first_routing.shape[1:]), F32).at[:, 0].set(first_routing)
+    logits_out = jnp.zeros((b, width if keep_logits else 1, first_logits.shape[-1]), F32)
     logits_out = logits_out.at[:, 0].set(first_logits)
     done = first == eos_id
 
@@ -232,7 +237,7 @@ def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax
         i, _, _, _, _, done = carry
         return (i < max_new) & ~jnp.all(done)
 
-    def body(carry):
+    def one_step(carry):
         i, cache, tokens, routing, logits_out, done = carry
         logits, cache, probs = forward(prepared, cache, tokens[:, i - 1][:, None], start + i - 1, pad, cfg, fast)
         token = sample(step_key(key, i), logits, sampling)
@@ -244,9 +249,15 @@ def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax
             logits_out = logits_out.at[:, i].set(logits)
         return i + 1, cache, tokens, routing, logits_out, done | (token == eos_id)
 
+    def body(carry):
+        for _ in range(unroll):
+            carry = one_step(carry)
+        return carry
+
     steps, _, tokens, routing, logits_out, _ = lax.while_loop(
         cond, body, (jnp.int32(1), cache, tokens, routing, logits_out, done))
-    return tokens, routing, (logits_out if keep_logits else None), steps
+    return (tokens[:, :max_new], routing[:, :max_new], (logits_out[:, :max_new] if keep_logits else None),
+            jnp.minimum(steps, max_new))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "fast"))

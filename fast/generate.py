@@ -57,20 +57,21 @@ def generate(prepared: dict, prompts: Sequence[Sequence[int]], cfg: LlamaConfig,
              max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
              eos_id: int | None = None, stop_strings: Sequence[str] = (),
              detokenize: Callable[[list[int]], str] | None = None, keep_logits: bool = False,
-             bucket: int = 16, on_token: Callable[[int, np.ndarray, np.ndarray], bool] | None = None) -> Generation:
+             bucket: int = 16, unroll: int = 1,
+             on_token: Callable[[int, np.ndarray, np.ndarray], bool] | None = None) -> Generation:
     """Up to `max_new_tokens` new tokens after each prompt (token id lists of any lengths).
 
     Without `on_token` the whole decode is one jitted loop. With it, tokens are decoded one
     jitted step at a time and `on_token(step, tokens [B], routing [B, n_blocks, E])` is called
     after each (streaming);
-    it may return True to stop early.
+    it may return True to stop early. `unroll`: decode steps per loop iteration (decode.decode_loop).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if stop_strings and detokenize is None:
         raise ValueError("stop_strings need a detokenize function")
     tokens, pad = left_pad(prompts, bucket=bucket)
-    size = tokens.shape[1] + max_new_tokens
+    size = tokens.shape[1] + max_new_tokens + unroll - 1
     if max(map(len, prompts)) + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt ({max(map(len, prompts))} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceed the model's context of {cfg.max_seq_len} tokens")
@@ -83,7 +84,7 @@ def generate(prepared: dict, prompts: Sequence[Sequence[int]], cfg: LlamaConfig,
     if on_token is None:
         out, routing, logits, _ = decode.decode_loop(
             prepared, cache, first, first_logits, first_routing, jnp.int32(tokens.shape[1]), pad_j, key,
-            jnp.int32(eos), max_new=max_new_tokens, keep_logits=keep_logits, **statics)
+            jnp.int32(eos), max_new=max_new_tokens, keep_logits=keep_logits, unroll=unroll, **statics)
         rows, routing = np.asarray(out).tolist(), np.asarray(routing)
         logits = None if logits is None else np.asarray(logits)
     else:

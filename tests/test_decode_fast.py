@@ -108,6 +108,9 @@ def test_eos_ends_one_row_and_streaming_equals_the_loop(mode_params):
     eos = free.tokens[0][3]
     cut = gen(prepared, prompts, sampling=sampling, key=key, eos_id=eos)
     assert cut.finish[0] == "eos" and cut.tokens[0] == free.tokens[0][:free.tokens[0].index(eos) + 1]
+    # Three decode steps per loop iteration: the same tokens (the steps past the end are dropped).
+    unrolled = gen(prepared, prompts, sampling=sampling, key=key, eos_id=eos, unroll=3)
+    assert unrolled.tokens == cut.tokens and unrolled.finish == cut.finish
     seen = []
     streamed = gen(prepared, prompts, sampling=sampling, key=key, eos_id=eos,
                    on_token=lambda i, toks, routing: seen.append((i, toks.tolist())) and False)
