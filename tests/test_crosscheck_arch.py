@@ -46,6 +46,18 @@ CASES = {
 PROMPT, NEW_TOKENS = [5, 17, 3, 99, 42], 8
 
 
+def run_reference(python, request: dict, work: Path) -> dict:
+    """Run arch_reference.py on `request` (written to work/request.json), its outputs in
+    work/out; returns results.json. Fails the test with the script's stderr if it fails."""
+    (work / "request.json").write_text(json.dumps(request))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(python), str(SCRIPT), str(work / "request.json"), str(work / "out")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"{SCRIPT.name} failed with exit {proc.returncode}:\n{proc.stderr[-4000:]}", pytrace=False)
+    return json.loads((work / "out" / "results.json").read_text())
+
+
 @pytest.fixture(scope="session")
 def arch(py311, tmp_path_factory):  # noqa: F811
     """Run the transformers side once: {name: {dir, gguf, tokens, logits, gguf_logits, greedy, files}}."""
@@ -57,13 +69,7 @@ def arch(py311, tmp_path_factory):  # noqa: F811
             for i, (name, (kind, config, shard)) in enumerate(CASES.items())]
     for spec in make:
         Path(spec["gguf"]).parent.mkdir(parents=True)
-    (work / "request.json").write_text(json.dumps({"make": make}))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(py311), str(SCRIPT), str(work / "request.json"), str(work / "out")],
-                          capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"{SCRIPT.name} failed with exit {proc.returncode}:\n{proc.stderr[-4000:]}", pytrace=False)
-    results = json.loads((work / "out" / "results.json").read_text())
+    results = run_reference(py311, {"make": make}, work)
     return {spec["name"]: {**spec, **results[spec["name"]], "tokens": np.array(tokens, np.int32),
                            "logits": np.load(work / "out" / f"{spec['name']}.npy"),
                            "gguf_logits": np.load(work / "out" / f"{spec['name']}_gguf.npy")}

@@ -15,9 +15,10 @@ Request keys (each list may be empty or absent):
       weights as a GGUF file at `gguf`, the way llama.cpp's convert_hf_to_gguf.py does
       (the gguf package's own tensor-name table; q/k rows permuted for llama, not for qwen2;
       Llama 3's scaling as a rope_freqs tensor of per-frequency divisors).
-  load: [{name, kind ("hf" | "peft"), dir, base (peft: the base model's directory), tokens}]
+  load: [{name, kind ("hf" | "peft"), dir, base (peft: the base model's directory), tokens, text}]
       loads an exported directory (AutoModelForCausalLM, or PeftModel.from_pretrained on
-      the base) and writes <name>.npy, its float32 logits.
+      the base) and writes <name>.npy, its float32 logits; with `text` and a tokenizer.json
+      in `dir`, results.json gets AutoTokenizer's ids of it.
 
 This file imports nothing from mode_jax (it runs in another interpreter).
 """
@@ -172,6 +173,10 @@ def load(spec: dict, out: Path, results: dict) -> None:
         model = AutoModelForCausalLM.from_pretrained(spec["dir"], dtype=torch.float32).eval()
     np.save(out / f"{spec['name']}.npy", _logits(model, spec["tokens"]))
     results[spec["name"]] = {"class": type(model).__name__}
+    if spec.get("text") is not None and (Path(spec["dir"]) / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(spec["dir"])
+        results[spec["name"]]["ids"] = tok(spec["text"], add_special_tokens=False)["input_ids"]
 
 
 def main(request_path: str, out_dir: str) -> None:
