@@ -49,6 +49,7 @@ def _grid(tmp_path, cells=TWO_CELLS, name="grid.toml", **fmt):
     ('[[sweep.cell]]\nmethod = "fine"\n', "method must be one of"),
     ('[[sweep.cell]]\nmethod = "backbone"\nlr = 1e-3\n', "takes no lr"),
     ('[[sweep.cell]]\nmethod = "full"\n[[sweep.cell]]\nmethod = "full"\n', "is the same run as"),
+    ('[[sweep.cell]]\nmethod = "full"\n[[sweep.cell]]\nmethod = "full"\nlr = 1e-3\n', "are both named 'full'"),
 ])
 def test_bad_grid_is_refused_before_anything_runs(tmp_path, capsys, cells, needle):
     out = tmp_path / "out"

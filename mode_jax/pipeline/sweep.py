@@ -156,9 +156,17 @@ def load_grid(path: str | Path, overrides: list[str] = ()) -> Grid:
     specs = sweep.get("cell", [])
     if not isinstance(specs, list) or not specs:
         raise UserError(f"{where}: no [[sweep.cell]] (the grid has no runs)")
-    cells, seen = [], {}
+    cells, seen, owner = [], {}, {}
     for i, spec in enumerate(specs):
-        cells += _expand(spec, f"{where} cell {i + 1}", base, common, seeds, seen)
+        if not isinstance(spec, dict):
+            raise UserError(f"{where}: sweep.cell must be [[sweep.cell]] tables")
+        new = _expand(spec, f"{where} cell {i + 1}", base, common, seeds, seen)
+        for name in {c.name for c in new}:
+            # the report pools a name's runs over seeds: one name, one setting
+            if owner.setdefault(name, i) != i:
+                raise UserError(f"{where}: cells {owner[name] + 1} and {i + 1} are both named {name!r}; "
+                                f"give them different names")
+        cells += new
     names = {c.name for c in cells}
     baseline = sweep.get("baseline")
     if baseline is not None and baseline not in names:

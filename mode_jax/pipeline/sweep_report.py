@@ -60,9 +60,12 @@ def build(out: Path, *, baseline: str | None = None, n_boot: int = stats.N_BOOT)
         raise UserError(f"{out} holds no finished sweep runs ({out / 'results.jsonl'} is missing or empty)")
     groups = _groups(records)
     if baseline is not None and baseline not in groups:
-        raise UserError(f"baseline {baseline!r} is not a cell of this sweep (cells: {', '.join(groups)})")
+        raise UserError(f"baseline {baseline!r} has no finished runs in {out} (cells with results: "
+                        f"{', '.join(groups)})")
     order = records[0]["config"]["domains"]
-    domains = [d for d in dict.fromkeys(order["targets"] + order["retention"]) if d in records[0]["result"]["domains"]]
+    # the domains every run was evaluated on, in the first run's order (targets, then retention)
+    domains = [d for d in dict.fromkeys(order["targets"] + order["retention"])
+               if all(d in r["result"]["domains"] for r in records)]
     rows, diffs = [], []
     for name, by_seed in groups.items():
         runs = [by_seed[s] for s in sorted(by_seed)]
