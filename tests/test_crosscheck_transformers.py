@@ -23,10 +23,9 @@ from mode_jax.ref.llama import llama_forward
 from tests.crosscheck_setup import (MAX_NEW_TOKENS, PROMPT, crosscheck, py311,  # noqa: F401 (fixtures)
                                     smollm2_gguf, smollm2_gpt2_tokenizer, smollm2_model,
                                     smollm2_tokenizer)
+from tests.tolerances import DEQUANTIZED_VS_TRANSFORMERS, TRANSFORMERS_LOGITS_RTOL
 
 pytestmark = pytest.mark.slow
-
-LOGITS_RTOL = 1e-4      # max |ours - transformers| / max |transformers|, float32, 30 layers
 
 
 def _forward(params, tokens, cfg):
@@ -102,7 +101,7 @@ def test_dequantized_weights_match_transformers(crosscheck, smollm2_model):
     for ours, theirs, name in [(layer["wq"].T, w["q_proj"], "q_proj"), (layer["wk"].T, w["k_proj"], "k_proj"),
                                (layer["wv"].T, w["v_proj"], "v_proj"), (params["embed"][:64], w["embed_rows"], "embed"),
                                (params["final_norm"], w["final_norm"], "final_norm")]:
-        np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(np.asarray(ours), theirs, **DEQUANTIZED_VS_TRANSFORMERS, err_msg=name)
 
 
 def test_logits_match_transformers(crosscheck, smollm2_model):
@@ -116,7 +115,7 @@ def test_logits_match_transformers(crosscheck, smollm2_model):
     agree = float((ours.argmax(-1) == theirs.argmax(-1)).mean())
     print(f"\nlogits [4, 128, {cfg.vocab_size}]: max abs err {err.max():.3e}, mean abs err {err.mean():.3e}, "
           f"max|ref| {np.abs(theirs).max():.2f}, rel err {rel:.3e}, argmax agreement {agree:.4f}")
-    assert rel <= LOGITS_RTOL, f"relative logits error {rel:.3e} > {LOGITS_RTOL}"
+    assert rel <= TRANSFORMERS_LOGITS_RTOL, f"relative logits error {rel:.3e} > {TRANSFORMERS_LOGITS_RTOL}"
 
 
 def test_greedy_decoding_says_paris(crosscheck, smollm2_model, smollm2_tokenizer):

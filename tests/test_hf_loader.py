@@ -15,6 +15,7 @@ from mode_jax.gguf_loader import ModelFileError
 from mode_jax.hf_loader import config_from_hf, hf_config_dict, load_hf_dir, read_hf_dir, save_hf_dir
 from mode_jax.ref.config import LlamaConfig, RopeScaling
 from mode_jax.ref.llama import init_llama, llama_forward
+from tests.tolerances import STORAGE_ROUND_TRIP
 
 CFG = LlamaConfig.tiny(tie_embeddings=False, norm_eps=1e-6)
 
@@ -44,13 +45,13 @@ def test_round_trip_is_exact(tmp_path, tie):
     assert "model.layers.0.self_attn.q_proj.weight" in names
 
 
-@pytest.mark.parametrize("dtype,tol", [("bfloat16", 8e-3), ("float16", 1e-3)])
-def test_half_precision_round_trip(tmp_path, dtype, tol):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_round_trip(tmp_path, dtype):
     params = _params()
     loaded, _ = read_hf_dir(save_hf_dir(params, CFG, tmp_path / "m", dtype=dtype))
     for (kp, a), (_, b) in zip(_leaves(params), _leaves(loaded)):
         assert b.dtype == np.float32
-        np.testing.assert_allclose(b, a, rtol=tol, atol=1e-7, err_msg=jax.tree_util.keystr(kp))
+        np.testing.assert_allclose(b, a, **STORAGE_ROUND_TRIP[dtype], err_msg=jax.tree_util.keystr(kp))
 
 
 def test_loaded_model_computes_the_same_logits(tmp_path):
@@ -96,7 +97,7 @@ def test_bf16_checkpoint_from_elsewhere(tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     loaded, got = read_hf_dir(out)
     assert got == cfg
-    np.testing.assert_allclose(loaded["embed"], params["embed"], rtol=8e-3, atol=1e-7)
+    np.testing.assert_allclose(loaded["embed"], params["embed"], **STORAGE_ROUND_TRIP["bfloat16"])
 
 
 # ----------------------------------------------------------------------------- bad input

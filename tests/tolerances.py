@@ -30,6 +30,23 @@ RELATIVE_TO_MAX = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
 # rounding of a sum of a few terms.
 PROBABILITY_SUM = dict(rtol=0.0, atol=1e-5)
 
+# Float32 weights stored at a lower precision and read back (GGUF F16/BF16 tensors, Hugging
+# Face float16/bfloat16 safetensors): half an ulp of the storage format relative to the value
+# (float16 2^-11 = 4.9e-4, bfloat16 2^-8 = 3.9e-3, with a margin); atol for the values float16
+# keeps only as subnormals.
+_F16, _BF16 = dict(rtol=1e-3, atol=1e-7), dict(rtol=8e-3, atol=1e-7)
+STORAGE_ROUND_TRIP = {"F16": _F16, "float16": _F16, "BF16": _BF16, "bfloat16": _BF16}
+
+# SmolLM2's weights dequantized by our GGUF reader against transformers' own GGUF reader:
+# independent dequantizers and q/k un-permutations of the same blocks, so float32 rounding
+# of scale * quant + min only.
+DEQUANTIZED_VS_TRANSFORMERS = dict(rtol=1e-6, atol=1e-7)
+
+# The reference's logits on SmolLM2-135M against transformers' float32 forward: max |ours -
+# theirs| / max |theirs| after 30 layers of float32 in two orders of summation (measured
+# 3.6e-6 when it was added); 1e-4 leaves room for other CPUs' and libraries' summation orders.
+TRANSFORMERS_LOGITS_RTOL = 1e-4
+
 # Monte Carlo estimates (bootstrap standard errors from ~4k-20k replicates) against their exact
 # or analytic values: the estimate of a standard deviation from B replicates has relative error
 # ~1/sqrt(2B), 0.5-1.1% here; 5% leaves room for that and for O(1/C) finite-sample terms.
