@@ -259,3 +259,21 @@ def test_artifacts_are_mode_0644(tmp_path, expert_file):
         os.umask(old_umask)
     for path in (copy, model):
         assert oct(path.stat().st_mode & 0o777) == oct(0o644), path
+
+
+def test_finetuned_model_carries_a_checksum_and_eval_refuses_it_damaged(tmp_path, capsys):
+    """A LoRA artifact as the pipeline writes it (full FT and composed models are written by
+    the same save_model, tested above and in test_expert_io)."""
+    run = tmp_path / "run"
+    assert main(["finetune", "--method", "lora", "--steps", "2", "--out", str(run), *SMOKE]) == 0
+    model = run / "model.safetensors"
+    meta, tensors = _raw(model)
+    assert meta[expert_io.SHA256] == content_sha256(tensors, {k: v for k, v in meta.items() if k != expert_io.SHA256})
+    assert oct(model.stat().st_mode & 0o777) == oct(0o644)
+    data = bytearray(model.read_bytes())
+    at = tensor_data_start(model) + 100
+    data[at:at + 64] = bytes(b ^ 0x5A for b in data[at:at + 64])
+    model.write_bytes(bytes(data))
+    out = tmp_path / "eval"
+    assert_refused(capsys, ["eval", "--run", str(run), "--out", str(out), "--quiet"], out,
+                   "model.safetensors", "corrupted")
