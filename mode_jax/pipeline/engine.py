@@ -215,7 +215,9 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
 
     A checkpoint in `run` (from an earlier, interrupted call) is picked up
     automatically: training continues from its step. `deadline` (time.time()) stops
-    early, after writing a checkpoint, so a long job can be split into calls."""
+    early, after writing a checkpoint, so a long job can be split into calls. The first
+    non-finite loss, gradient norm or state raises `finite.NonFiniteTraining` (naming
+    the step and the last good checkpoint) before anything else is written."""
     from tqdm.auto import tqdm
 
     trainable, frozen = steps.split(steps.to_backend(params), METHODS[method])
