@@ -18,7 +18,7 @@ from mode_jax.gguf_loader import (LAYER_TENSORS, ModelFileError, load_gguf, perm
 from mode_jax.errors import UserError
 from mode_jax.ref.config import LlamaConfig, RopeScaling
 from mode_jax.ref.llama import apply_rope, init_llama, llama_forward, rope_freq_factors, rope_tables
-from tests.tolerances import STORAGE_ROUND_TRIP, assert_close
+from tests.tolerances import STORAGE_ROUND_TRIP, assert_close, assert_trees_equal
 
 # Q8_0 and friends quantize rows in blocks of 32, so every in-dimension is a multiple of 32.
 CFG = LlamaConfig.tiny(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -90,8 +90,7 @@ def test_f32_round_trip_is_exact(tmp_path, tie):
     path = write_gguf(tmp_path / "m.gguf", params, cfg, tensor_type="F32")
     loaded, got_cfg = read_gguf(path)
     assert got_cfg == cfg
-    for (kp, a), (_, b) in zip(_leaves(params), _leaves(loaded)):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(kp))
+    assert_trees_equal(loaded, params)
 
 
 @pytest.mark.parametrize("kind", ["F16", "BF16", "Q8_0"])

@@ -15,7 +15,7 @@ from mode_jax.gguf_loader import ModelFileError
 from mode_jax.hf_loader import config_from_hf, hf_config_dict, load_hf_dir, read_hf_dir, save_hf_dir
 from mode_jax.ref.config import LlamaConfig, RopeScaling
 from mode_jax.ref.llama import init_llama, llama_forward
-from tests.tolerances import STORAGE_ROUND_TRIP
+from tests.tolerances import STORAGE_ROUND_TRIP, assert_trees_close, assert_trees_equal
 
 CFG = LlamaConfig.tiny(tie_embeddings=False, norm_eps=1e-6)
 
@@ -28,18 +28,13 @@ def _params(cfg=CFG, seed=0):
     return params
 
 
-def _leaves(params):
-    return jax.tree_util.tree_leaves_with_path(params)
-
-
 @pytest.mark.parametrize("tie", [True, False])
 def test_round_trip_is_exact(tmp_path, tie):
     cfg = LlamaConfig.tiny(tie_embeddings=tie)
     params = _params(cfg)
     loaded, got = read_hf_dir(save_hf_dir(params, cfg, tmp_path / "m"))
     assert got == cfg
-    for (kp, a), (_, b) in zip(_leaves(params), _leaves(loaded)):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(kp))
+    assert_trees_equal(loaded, params)
     names = set(load_file(tmp_path / "m" / "model.safetensors"))
     assert ("lm_head.weight" in names) == (not tie)
     assert "model.layers.0.self_attn.q_proj.weight" in names
@@ -49,9 +44,8 @@ def test_round_trip_is_exact(tmp_path, tie):
 def test_half_precision_round_trip(tmp_path, dtype):
     params = _params()
     loaded, _ = read_hf_dir(save_hf_dir(params, CFG, tmp_path / "m", dtype=dtype))
-    for (kp, a), (_, b) in zip(_leaves(params), _leaves(loaded)):
-        assert b.dtype == np.float32
-        np.testing.assert_allclose(b, a, **STORAGE_ROUND_TRIP[dtype], err_msg=jax.tree_util.keystr(kp))
+    assert {b.dtype for b in jax.tree.leaves(loaded)} == {np.dtype(np.float32)}
+    assert_trees_close(loaded, params, tol=STORAGE_ROUND_TRIP[dtype])
 
 
 def test_loaded_model_computes_the_same_logits(tmp_path):
@@ -76,8 +70,7 @@ def test_sharded_checkpoint_with_index(tmp_path):
         {"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
     (out / "config.json").write_text((src / "config.json").read_text())
     loaded, _ = read_hf_dir(out)
-    for (kp, a), (_, b) in zip(_leaves(params), _leaves(loaded)):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(kp))
+    assert_trees_equal(loaded, params)
 
 
 def test_bf16_checkpoint_from_elsewhere(tmp_path):
@@ -217,8 +210,7 @@ def test_other_backbones_round_trip_exactly(tmp_path, cfg):
         assert not any(n.endswith(".bias") for n in names)
     loaded, got = read_hf_dir(path)
     assert got == cfg
-    for (kp, a), (_, b) in zip(_leaves(params), _leaves(loaded)):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(kp))
+    assert_trees_equal(loaded, params)
 
 
 @pytest.mark.parametrize("form", ["transformers5", "transformers4", "old_type_key"])

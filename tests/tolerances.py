@@ -74,19 +74,29 @@ def assert_close(actual, expected, dtype=None, scale=1.0, err_msg=""):
                                err_msg=err_msg)
 
 
-def assert_trees_close(actual, expected, dtype=None, scale=1.0):
-    """`chex.assert_trees_all_close` at the table's tolerance for `dtype` (default: the first
-    leaf of `actual`), times `scale`: same tree structure, every leaf close. Leaves are
-    compared in float64 (bfloat16 has no numpy arithmetic); NaN is rejected in both trees
-    (numpy's allclose would let NaN == NaN pass)."""
-    dtype = _dtype(jax.tree.leaves(actual)[0], dtype)
-    as64 = lambda tree: jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-                                     if jnp.asarray(x).dtype == jnp.bfloat16 else np.asarray(x, np.float64), tree)
-    actual, expected = as64(actual), as64(expected)
-    chex.assert_tree_all_finite(expected)
-    chex.assert_tree_all_finite(actual)
-    tol = TOL[dtype]
-    chex.assert_trees_all_close(actual, expected, rtol=tol["rtol"] * scale, atol=tol["atol"] * scale)
+def _finite64(tree):
+    """Every leaf as a float64 numpy array (bfloat16 has no numpy arithmetic), NaN refused."""
+    tree = jax.tree.map(lambda x: np.asarray(jnp.asarray(x, jnp.float32) if jnp.asarray(x).dtype == jnp.bfloat16
+                                             else x, np.float64), tree)
+    chex.assert_tree_all_finite(tree)
+    return tree
+
+
+def assert_trees_close(actual, expected, dtype=None, scale=1.0, tol=None):
+    """`chex.assert_trees_all_close`: the same tree structure, every leaf close at the table's
+    tolerance for `dtype` (default: the first leaf of `actual`) times `scale`, or at `tol`
+    (one of the named entries above). NaN is rejected in both trees: numpy's allclose,
+    which chex uses, would let NaN == NaN pass."""
+    tol = tol if tol is not None else {k: v * scale for k, v in TOL[_dtype(jax.tree.leaves(actual)[0], dtype)].items()}
+    chex.assert_trees_all_close(_finite64(actual), _finite64(expected), **tol)
+
+
+def assert_trees_equal(actual, expected):
+    """`chex.assert_trees_all_equal` with the same dtypes leaf for leaf, NaN rejected: for
+    round trips that must be bit-exact."""
+    chex.assert_trees_all_equal_dtypes(actual, expected)
+    _finite64(actual)
+    chex.assert_trees_all_equal(actual, expected)
 
 
 def assert_close_to_max(actual, expected, dtype=None, err_msg=""):
