@@ -18,7 +18,7 @@ from mode_jax.data import store
 from mode_jax.pipeline import expert_io, presets, sources
 from mode_jax.tokenizer import vocab_hash
 from tests import tiny_hf
-from tests.cli_expect import assert_refused
+from tests.helpers import assert_refused
 from tests.crosscheck_setup import smollm2_gguf, smollm2_tokenizer  # noqa: F401 (fixtures)
 from tests.helpers import stage1_expert
 

@@ -11,7 +11,7 @@ import pytest
 from mode_jax.cli import main
 from mode_jax.pipeline import expert_io, presets, sources
 from mode_jax.ref.llama import init_llama
-from tests.cli_expect import assert_refused
+from tests.helpers import assert_refused
 from tests.tolerances import assert_close
 
 # The smoke preset, 4 steps, batch 8 (divisible by every batch axis used below).
