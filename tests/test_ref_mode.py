@@ -15,7 +15,7 @@ from mode_jax.ref.config import LlamaConfig, ModeConfig
 from mode_jax.ref.llama import init_llama, llama_forward
 from mode_jax.ref.mode import gated_combine, init_mode, mode_forward, mode_hidden, stage2_from_stage1
 from tests import numpy_llama
-from tests.tolerances import assert_close, assert_trees_close
+from tests.tolerances import assert_close, assert_trees_close, assert_trees_equal
 
 CFG = LlamaConfig.tiny()                      # 4 layers
 MODE = ModeConfig(n_blocks=2, expert_layers=1, n_experts=2, expert_init="random")
@@ -119,8 +119,7 @@ def test_copy_init_takes_the_blocks_last_layers():
                        ModeConfig(n_blocks=2, expert_layers=1, n_experts=1, expert_init="copy"))
     for i, block in enumerate(params["blocks"]):
         src = backbone["layers"][2 * i + 1]                      # block i = layers 2i, 2i+1
-        for name, value in block["experts"][0][0].items():
-            np.testing.assert_array_equal(value, src[name])
+        assert_trees_equal(block["experts"][0][0], src)
 
 
 def test_stage2_gate_from_stage1():
