@@ -50,6 +50,7 @@ def _grid(tmp_path, cells=TWO_CELLS, name="grid.toml", **fmt):
     ('[[sweep.cell]]\nmethod = "backbone"\nlr = 1e-3\n', "takes no lr"),
     ('[[sweep.cell]]\nmethod = "full"\n[[sweep.cell]]\nmethod = "full"\n', "is the same run as"),
     ('[[sweep.cell]]\nmethod = "full"\n[[sweep.cell]]\nmethod = "full"\nlr = 1e-3\n', "are both named 'full'"),
+    ('[[sweep.cell]]\nmethod = "expert"\n"domains.targets" = ["math", "code"]\n', "trains one expert"),
 ])
 def test_bad_grid_is_refused_before_anything_runs(tmp_path, capsys, cells, needle):
     out = tmp_path / "out"
@@ -177,15 +178,19 @@ def test_sweep_kill_resume_and_report(tmp_path):
 
 @pytest.mark.slow
 def test_mode_cells_share_their_experts(tmp_path):
-    cells = '[[sweep.cell]]\nmethod = "mode"\n[[sweep.cell]]\nmethod = "mode-frozen"\n"train.steps" = 3\n'
+    cells = ('[[sweep.cell]]\nmethod = "mode"\n[[sweep.cell]]\nmethod = "mode-frozen"\n"train.steps" = 3\n'
+             '[[sweep.cell]]\nmethod = "expert"\n"domains.targets" = ["code"]\n')
     grid = _grid(tmp_path, cells)
     doc = grid.read_text().replace("seeds = [0, 1]", "seeds = [0]").replace('baseline = "full"', 'baseline = "mode"')
     grid.write_text(doc)
     out = tmp_path / "sweep"
     assert main(["sweep", str(grid), "--out", str(out), "--quiet"]) == 0
     records = [json.loads(x) for x in _lines(out)]
-    assert [r["method"] for r in records] == ["mode", "mode-frozen"]
-    assert len(list((out / "experts").iterdir())) == 1                 # trained once, composed twice
+    assert [r["method"] for r in records] == ["mode", "mode-frozen", "expert"]
+    assert len(list((out / "experts").iterdir())) == 1                 # trained once, used three times
+    expert = records.pop()
+    assert expert["label"] == "expert-code" and expert["phases"] == {}
+    assert expert["result"] == records[0]["phases"]["expert-code"]     # the same run, not a retrained one
     for r in records:
         assert set(r["phases"]) == {"expert-math", "expert-code"}
         assert r["phases"]["expert-math"]["train_steps"] == 4

@@ -9,7 +9,7 @@ A grid file (docs/sweep.md) names a base config, the seeds, and cells:
     set = { "train.steps" = 2000 }     # overrides for every cell (optional)
 
     [[sweep.cell]]
-    method = "full"                    # backbone, full, lora, uninit, mode, mode-frozen
+    method = "full"                    # backbone, expert, full, lora, uninit, mode, mode-frozen
     lr = [1e-3, 5e-5]                  # a list is an axis; `lr` = this method's lr key
     "train.steps" = 400                # any config key, "section.key"
 
@@ -42,8 +42,9 @@ from mode_jax.errors import UserError
 from mode_jax.integrity import strict_json
 from mode_jax.pipeline import presets
 
-METHODS = ("backbone", "full", "lora", "uninit", "mode", "mode-frozen")
-LR_KEY = {"full": "lr.full", "lora": "lr.lora", "uninit": "lr.mode", "mode": "lr.mode", "mode-frozen": "lr.mode"}
+METHODS = ("backbone", "expert", "full", "lora", "uninit", "mode", "mode-frozen")
+LR_KEY = {"full": "lr.full", "lora": "lr.lora", "uninit": "lr.mode", "expert": "lr.mode", "mode": "lr.mode",
+          "mode-frozen": "lr.mode"}
 SWEEP_KEYS = {"base", "seeds", "baseline", "set", "cell"}
 RESULTS = "results.jsonl"
 
@@ -206,6 +207,8 @@ def _expand(spec: dict, where: str, base: dict, common: dict, seeds: list, seen:
                 cfg = presets.from_dict(data)
             except UserError as err:
                 raise UserError(f"{where}: {err}") from None
+            if method == "expert" and len(cfg.domains.targets) > 1:
+                raise UserError(f"{where}: method expert trains one expert: set domains.targets to one domain")
             cell = Cell(label, method, seed, tuple((k, settings[k]) for k in varying), cfg)
             if cell.id in seen:
                 raise UserError(f"{where}: {label} (seed {seed}) is the same run as {seen[cell.id]}")

@@ -3,8 +3,8 @@
     <out>/grid.toml                  the grid file of the latest call
     <out>/results.jsonl              one line per finished run (sweep.append_result)
     <out>/cells/<id>/run/            the run's directory (config, metrics.jsonl, checkpoints)
-    <out>/experts/<key>/expert-<d>/  stage-1 experts, shared by every mode / mode-frozen run
-                                     whose stage-1 settings (and seed) are equal
+    <out>/experts/<key>/expert-<d>/  stage-1 experts, shared by every expert / mode / mode-frozen
+                                     run whose stage-1 settings (and seed) are equal
 
 A run killed mid-way continues from its directory's last checkpoint on the next call;
 runs already in results.jsonl are skipped. Once a run is recorded its model and
@@ -24,14 +24,17 @@ import time
 from pathlib import Path
 
 from mode_jax.atomic import write_text_atomic
+from mode_jax.errors import UserError
 from mode_jax.pipeline import presets
 from mode_jax.pipeline.sweep import Cell, Grid, append_result, read_results
 
 
 def expert_config(cfg: presets.PipelineConfig) -> presets.PipelineConfig:
     """`cfg` with every key stage 1 does not read set to its default, so that runs which
-    differ only in those share their experts (and the experts' run directories resume)."""
-    return dataclasses.replace(cfg, lora=presets.LoraSection(),
+    differ only in those share their experts (and the experts' run directories resume).
+    An expert is trained on its own domain alone, so the mixture (domains.targets) is one
+    of those keys: a Math+Code MoDE run and a Code-only expert run share the Code expert."""
+    return dataclasses.replace(cfg, lora=presets.LoraSection(), domains=dataclasses.replace(cfg.domains, targets=()),
                                lr=dataclasses.replace(presets.LrSection(), mode=cfg.lr.mode),
                                train=dataclasses.replace(cfg.train, steps=presets.TrainSection().steps))
 
@@ -94,7 +97,10 @@ def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | 
     targets = list(cfg.domains.targets)
     run_path = out / "cells" / cell.id / "run"
     phases = {}
-    if cell.method in ("mode", "mode-frozen"):
+    if cell.method == "expert" and len(targets) != 1:
+        raise UserError(f"{cell.name} (seed {cell.seed}): method expert trains one expert; set "
+                        f"domains.targets to one domain (it is {targets})")
+    if cell.method in ("expert", "mode", "mode-frozen"):
         ecfg = expert_config(cfg)
         ectx = dataclasses.replace(ctx, cfg=ecfg)
         edir = out / "experts" / _key(ecfg)
@@ -103,6 +109,9 @@ def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | 
             if res is None:
                 return None
             phases[f"expert-{d}"] = res
+        if cell.method == "expert":
+            run_path = edir / f"expert-{targets[0]}"
+            return _record(cell, cfg, phases.pop(f"expert-{targets[0]}"), phases, run_path.relative_to(out), began)
         files = [edir / f"expert-{d}" / f"expert-{d}.safetensors" for d in targets]
         experts = expert_io.load_compatible(files, llama=ctx.llama, mode=sources.mode_config(cfg, 1),
                                             fingerprint=ctx.backbone.fingerprint)
@@ -116,10 +125,13 @@ def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | 
         main = _phase(ctx, run_path, cell.method, lambda run: stages.finetune(ctx, run, cell.method))
     if main is None:
         return None
+    return _record(cell, cfg, main, phases, run_path.relative_to(out), began)
+
+
+def _record(cell: Cell, cfg, main: dict, phases: dict, run_dir: Path, began: float) -> dict:
     return {"cell": cell.id, "name": cell.name, "method": cell.method, "seed": cell.seed,
             "settings": dict(cell.settings), "config": cfg.to_dict(), "label": main["label"],
-            "result": main, "phases": phases, "run_dir": str(run_path.relative_to(out)),
-            "seconds": round(time.time() - began, 2)}
+            "result": main, "phases": phases, "run_dir": str(run_dir), "seconds": round(time.time() - began, 2)}
 
 
 def _phase(ctx, path: Path, kind: str, fn):
