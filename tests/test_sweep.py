@@ -240,3 +240,35 @@ def test_time_limit_then_resume_and_seeds_reuse_compiled_steps(tmp_path, monkeyp
              if m.get("phase") == "full-ft"]
     assert steps == list(range(1, 7))
     assert per_cell[2] == 0 < per_cell[0], per_cell
+
+
+def _record(name, seed, correct, ids=(0, 1, 2), tokens=(10, 10, 10), source="built"):
+    docs = {"unit": "document", "ids": list(ids), "correct": list(correct), "tokens": list(tokens)}
+    return {"cell": f"{name}-{seed}", "name": name, "method": "full", "seed": seed,
+            "config": {"data": {"source": source}, "domains": {"targets": ["math"], "retention": []}},
+            "result": {"params_trainable": 5, "domains": {"math": {"per_document": docs}}}}
+
+
+def test_report_on_recorded_counts(tmp_path):
+    """The report from hand-made records: estimates by hand, paired differences against two
+    baselines mirror each other (same draws), other documents are not paired."""
+    records = [_record("a", 0, [6, 7, 8]), _record("a", 1, [5, 7, 9]), _record("b", 0, [4, 7, 8]),
+               _record("b", 1, [5, 6, 6]), _record("c", 0, [1, 2], ids=(0, 5), tokens=(10, 10)),
+               _record("c", 1, [1, 2], ids=(0, 5), tokens=(10, 10))]
+    for r in records:
+        sweep.append_result(tmp_path, r)
+    assert [json.loads(x) for x in _lines(tmp_path)] == records
+    assert main(["sweep", "report", str(tmp_path), "--baseline", "a", "--baseline", "b", "--n-boot", "400"]) == 0
+    table = json.loads((tmp_path / "table.json").read_text())
+    rows = {r["name"]: r["domains"]["math"] for r in table["rows"]}
+    assert rows["a"]["estimate"] == pytest.approx((21 / 30 + 21 / 30) / 2, abs=1e-15)
+    assert rows["b"]["estimate"] == pytest.approx((19 / 30 + 17 / 30) / 2, abs=1e-15)
+    assert rows["a"]["shared_documents"] and rows["a"]["per_seed"] == pytest.approx([0.7, 0.7])
+    diff = {(e["name"], e["baseline"]): e["domains"]["math"] for e in table["differences"]}
+    ab, ba = diff[("b", "a")], diff[("a", "b")]
+    assert ab["estimate"] == pytest.approx(-ba["estimate"], abs=1e-15) == pytest.approx(-(0.7 - 0.6), abs=1e-15)
+    assert (ab["low"], ab["high"]) == pytest.approx((-ba["high"], -ba["low"]), abs=1e-15)
+    assert diff[("c", "a")] is None and diff[("c", "b")] is None
+    md = (tmp_path / "table.md").read_text()
+    assert md.count("Paired differences against") == 2 and "not paired" in md
+    assert (tmp_path / "differences.png").stat().st_size > 0

@@ -39,8 +39,9 @@ def register(sub) -> None:
     p.add_argument("--keep-models", action="store_true",
                    help="keep each run's model and checkpoints (default: deleted once its result is recorded)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    p.add_argument("--baseline", default=None, metavar="CELL",
-                   help="(report) the cell the others are compared with (default: the grid's sweep.baseline)")
+    p.add_argument("--baseline", action="append", default=None, metavar="CELL",
+                   help="(report) a cell the others are compared with, paired (repeatable; default: the "
+                        "grid's sweep.baseline)")
     p.add_argument("--n-boot", type=int, default=None, metavar="N", help="(report) bootstrap replicates (default 2000)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)   # kill/resume tests

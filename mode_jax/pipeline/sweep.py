@@ -5,7 +5,7 @@ A grid file (docs/sweep.md) names a base config, the seeds, and cells:
     [sweep]
     base = "gpu"                       # a preset (configs/NAME.toml) or a TOML config file
     seeds = [0, 1, 2]                  # every cell runs once per seed (train.seed)
-    baseline = "full"                  # the cell the report compares the others with (paired)
+    baseline = "full"                  # the cell(s) the report compares the others with (paired)
     set = { "train.steps" = 2000 }     # overrides for every cell (optional)
 
     [[sweep.cell]]
@@ -70,7 +70,7 @@ class Cell:
 @dataclasses.dataclass(frozen=True)
 class Grid:
     cells: tuple[Cell, ...]
-    baseline: str | None
+    baseline: str | list | None      # the report's paired comparisons are against it (or each of them)
     path: Path
 
 
@@ -170,8 +170,11 @@ def load_grid(path: str | Path, overrides: list[str] = ()) -> Grid:
         cells += new
     names = {c.name for c in cells}
     baseline = sweep.get("baseline")
-    if baseline is not None and baseline not in names:
-        raise UserError(f"{where}: sweep.baseline {baseline!r} is not a cell name (names: {', '.join(sorted(names))})")
+    if baseline is not None and not isinstance(baseline, (str, list)):
+        raise UserError(f"{where}: sweep.baseline must be a cell name or a list of them, got {baseline!r}")
+    for base in [baseline] if isinstance(baseline, str) else baseline or []:
+        if base not in names:
+            raise UserError(f"{where}: sweep.baseline {base!r} is not a cell name (names: {', '.join(sorted(names))})")
     return Grid(tuple(cells), baseline, path)
 
 

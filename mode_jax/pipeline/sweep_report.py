@@ -54,14 +54,21 @@ def _same_units(a: list[dict], b: list[dict], domain: str) -> bool:
     return all(key(x) == key(y) for x, y in zip(a, b))
 
 
-def build(out: Path, *, baseline: str | None = None, n_boot: int = stats.N_BOOT) -> dict[str, Any]:
+def _as_list(baseline) -> list[str]:
+    return [] if baseline is None else [baseline] if isinstance(baseline, str) else list(baseline)
+
+
+def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = stats.N_BOOT) -> dict[str, Any]:
+    """The table as JSON-able data; `baseline`: one cell name or several (one comparison each)."""
     records = read_results(out)
     if not records:
         raise UserError(f"{out} holds no finished sweep runs ({out / 'results.jsonl'} is missing or empty)")
     groups = _groups(records)
-    if baseline is not None and baseline not in groups:
-        raise UserError(f"baseline {baseline!r} has no finished runs in {out} (cells with results: "
-                        f"{', '.join(groups)})")
+    baselines = _as_list(baseline)
+    for base in baselines:
+        if base not in groups:
+            raise UserError(f"baseline {base!r} has no finished runs in {out} (cells with results: "
+                            f"{', '.join(groups)})")
     order = records[0]["config"]["domains"]
     # the domains every run was evaluated on, in the first run's order (targets, then retention)
     domains = [d for d in dict.fromkeys(order["targets"] + order["retention"])
@@ -78,25 +85,30 @@ def build(out: Path, *, baseline: str | None = None, n_boot: int = stats.N_BOOT)
                                  "per_seed": [float(y.sum() / n.sum()) for y, n in zip(ys, ns)]}
         row["avg"] = float(np.mean([row["domains"][d]["estimate"] for d in domains]))
         rows.append(row)
-        if baseline is None or name == baseline:
-            continue
-        seeds = sorted(set(by_seed) & set(groups[baseline]))
-        entry = {"name": name, "baseline": baseline, "seeds": seeds, "domains": {}}
-        for d in domains:
-            a = [by_seed[s] for s in seeds]
-            b = [groups[baseline][s] for s in seeds]
-            if not seeds or not _same_units(a, b, d):
-                entry["domains"][d] = None      # not measured on the same seeds and documents
-                continue
-            ya, na, shared, _ = _counts(a, d)
-            yb, nb, _, _ = _counts(b, d)
-            entry["domains"][d] = stats.paired_difference(ya, na, yb, nb, shared_documents=shared,
-                                                          n_boot=n_boot).to_dict()
-        diffs.append(entry)
-    return {"domains": domains, "rows": rows, "baseline": baseline, "differences": diffs,
+    for base in baselines:
+        diffs += [_paired(name, by_seed, base, groups[base], domains, n_boot)
+                  for name, by_seed in groups.items() if name != base]
+    return {"domains": domains, "rows": rows, "baseline": baselines[0] if baselines else None,
+            "baselines": baselines, "differences": diffs,
             "n_boot": n_boot, "level": stats.LEVEL,
             "note": "accuracy: mean over seeds of next-token accuracy on the test documents, separators "
                     "excluded; [low, high]: 95% percentile bootstrap over seeds and test documents"}
+
+
+def _paired(name, by_seed, base, base_by_seed, domains, n_boot) -> dict[str, Any]:
+    """`name` - `base` per domain on the seeds both have (None where not on the same documents)."""
+    seeds = sorted(set(by_seed) & set(base_by_seed))
+    entry = {"name": name, "baseline": base, "seeds": seeds, "domains": {}}
+    for d in domains:
+        a, b = [by_seed[s] for s in seeds], [base_by_seed[s] for s in seeds]
+        if not seeds or not _same_units(a, b, d):
+            entry["domains"][d] = None      # not measured on the same seeds and documents
+            continue
+        ya, na, shared, _ = _counts(a, d)
+        yb, nb, _, _ = _counts(b, d)
+        entry["domains"][d] = stats.paired_difference(ya, na, yb, nb, shared_documents=shared,
+                                                      n_boot=n_boot).to_dict()
+    return entry
 
 
 def _pct(x: float) -> str:
@@ -116,12 +128,12 @@ def markdown(table: dict[str, Any]) -> str:
                     for r in table["rows"][:1] for d in domains})
     text = ["Accuracy, % (mean over seeds) [95% bootstrap interval over seeds and test units; "
             + "; ".join(units) + "].", "", *lines, ""]
-    if table["differences"]:
+    for base in table["baselines"]:
         head = ["cell"] + [f"{d.capitalize()} - baseline" for d in domains]
-        text += [f"Paired differences against **{table['baseline']}** (same seeds, same documents), "
+        text += [f"Paired differences against **{base}** (same seeds, same documents), "
                  "points [95% interval]; * = the interval excludes zero.", "",
                  "| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
-        for e in table["differences"]:
+        for e in (e for e in table["differences"] if e["baseline"] == base):
             cells = [e["name"]]
             for d in domains:
                 v = e["domains"][d]
@@ -132,7 +144,7 @@ def markdown(table: dict[str, Any]) -> str:
     return "\n".join(text)
 
 
-def write(out: Path, *, baseline: str | None = None, n_boot: int = stats.N_BOOT) -> str:
+def write(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = stats.N_BOOT) -> str:
     """table.md, table.json and (with matplotlib) the two plots in `out`; returns the markdown."""
     from mode_jax.pipeline import plots
     out = Path(out)
@@ -147,14 +159,14 @@ def write(out: Path, *, baseline: str | None = None, n_boot: int = stats.N_BOOT)
     return md
 
 
-def _panels(table, rows, value, title, ylabel, path, zero_line=False):
+def _panels(table, rows, value, title, ylabel, path, zero_line=False, label=lambda r: r["name"]):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     domains = table["domains"]
     fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 4.5), squeeze=False)
     for ax, d in zip(axes[0], domains):
-        kept = [(r["name"], value(r, d)) for r in rows if value(r, d) is not None]
+        kept = [(label(r), value(r, d)) for r in rows if value(r, d) is not None]
         est = np.array([100 * v["estimate"] for _, v in kept])
         err = np.array([[100 * (v["estimate"] - v["low"]) for _, v in kept],
                         [100 * (v["high"] - v["estimate"]) for _, v in kept]])
@@ -177,6 +189,8 @@ def _error_bars(table, path):
 
 
 def _difference_bars(table, path):
+    many = len(table["baselines"]) > 1
     _panels(table, table["differences"], lambda e, d: e["domains"][d],
-            f"Paired difference against {table['baseline']} (same seeds and documents), 95% intervals",
-            "difference (points)", path, zero_line=True)
+            f"Paired difference against {' / '.join(table['baselines'])} (same seeds and documents), 95% intervals",
+            "difference (points)", path, zero_line=True,
+            label=lambda e: f"{e['name']} - {e['baseline']}" if many else e["name"])
