@@ -16,9 +16,10 @@ Same function as `ref/decode.py` on the stacked layout of `fast/params.py`:
 - the N experts of a block are one `vmap` over the expert axis (one batched matmul
   per expert layer, as in training), only their new keys and values written into the
   shared cache array;
-- weights are cast to `FastConfig.compute_dtype` (bf16 by default) and q|k|v, gate|up
-  joined once, before any of this (`prepare`); norms, RoPE, softmax, the gate and the
-  logits are float32.
+- weights are cast to `FastConfig.compute_dtype` (bf16 by default), q|k|v and gate|up
+  joined, and the stacks split into one buffer per layer once, before any of this
+  (`prepare`: a slice of a stacked weight inside the step would be a copy per token);
+  norms, RoPE, softmax, the gate and the logits are float32.
 
 Attention over the cache is XLA's masked `jax.nn.dot_product_attention` (a decode
 step has one query per row; left padding needs a mask that cuDNN's causal kernel does
@@ -48,19 +49,29 @@ from mode_jax.ref.sampling import SamplingConfig, sample, step_key
 F32 = jnp.float32
 
 
+def _take(tree, *index):
+    return jax.tree.map(lambda a: a[index], tree)
+
+
 def prepare(params: dict, fast: FastConfig) -> dict:
     """A stacked Llama or MoDE tree (`fast.params.to_fast`) as decoding reads it: matrices
-    and the embedding in the compute dtype, q|k|v and gate|up joined. Done once."""
+    and the embedding in the compute dtype, q|k|v and gate|up joined, backbone layers as a
+    list of per-layer dicts and experts as [block][expert layer] dicts of [N, ...] arrays.
+    Done once."""
     backbone = params["backbone"] if "backbone" in params else params
     bb = {k: v for k, v in backbone.items() if k != "layers"}
     bb["embed"] = backbone["embed"].astype(fast.dtype)
     if "lm_head" in backbone:
         bb["lm_head"] = backbone["lm_head"].astype(fast.dtype)
-    bb["layers"] = prepare_layers(backbone["layers"], dtype=fast.dtype, fuse=True)
+    layers = prepare_layers(backbone["layers"], dtype=fast.dtype, fuse=True)
+    bb["layers"] = [_take(layers, l) for l in range(layers["attn_norm"].shape[0])]
     out = {"backbone": bb}
     if "blocks" in params and params["blocks"]["gate_w"].shape[0] > 0:
         blocks = params["blocks"]
-        out["blocks"] = {"experts": prepare_layers(blocks["experts"], dtype=fast.dtype, fuse=True),
+        experts = prepare_layers(blocks["experts"], dtype=fast.dtype, fuse=True)   # [n_blocks, N, EL, ...]
+        n_blocks, _, depth = experts["attn_norm"].shape[:3]
+        out["blocks"] = {"experts": [[_take(experts, i, slice(None), e) for e in range(depth)]
+                                     for i in range(n_blocks)],
                          "gate_w": blocks["gate_w"].astype(F32), "gate_b": blocks["gate_b"].astype(F32)}
     return out
 
@@ -68,10 +79,11 @@ def prepare(params: dict, fast: FastConfig) -> dict:
 def init_cache(prepared: dict, batch: int, size: int, cfg: LlamaConfig, fast: FastConfig) -> dict:
     """Zeroed caches of `size` positions for every layer of every stack."""
     kv = (batch, size, cfg.n_kv_heads, cfg.head_dim)
-    n_layers = prepared["backbone"]["layers"]["attn_norm"].shape[0]
+    n_layers = len(prepared["backbone"]["layers"])
     cache = {"backbone": {n: jnp.zeros((n_layers, *kv), fast.dtype) for n in ("k", "v")}}
     if "blocks" in prepared:
-        lead = prepared["blocks"]["experts"]["attn_norm"].shape[:3]                # n_blocks, N, EL
+        experts = prepared["blocks"]["experts"]
+        lead = (len(experts), experts[0][0]["attn_norm"].shape[0], len(experts[0]))   # n_blocks, N, EL
         cache["experts"] = {n: jnp.zeros((*lead, *kv), fast.dtype) for n in ("k", "v")}
     return cache
 
@@ -109,14 +121,10 @@ def _finish(layer: dict, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
     return r + jnp.einsum("BTF,FD->BTD", u, layer["w_down"])
 
 
-def _take(tree, *index):
-    return jax.tree.map(lambda a: a[index], tree)
-
-
 def _backbone_layers(layers, cache, x, lo, hi, write, rot, mask, cfg):
     """Backbone layers lo..hi-1 on x, each writing its new k, v at `write` -> (x, cache)."""
     for l in range(lo, hi):
-        layer = _take(layers, l)
+        layer = layers[l]
         q, k, v = _qkv(layer, x, *rot, cfg)
         cache = {n: lax.dynamic_update_slice(cache[n], new[None], (l, 0, write, 0, 0))
                  for n, new in (("k", k), ("v", v))}
@@ -125,11 +133,11 @@ def _backbone_layers(layers, cache, x, lo, hi, write, rot, mask, cfg):
 
 
 def _expert_layers(experts, cache, x, block, write, rot, mask, cfg):
-    """Block `block`'s N experts (vmapped) on the same x -> ([N, B, T, D], cache)."""
-    n_experts, depth = experts["attn_norm"].shape[1:3]
+    """Block `block`'s N experts (vmapped) on the same x -> ([N, B, T, D], cache);
+    experts[block][e] holds expert layer e of every expert ({key: [N, ...]})."""
+    n_experts = experts[block][0]["attn_norm"].shape[0]
     xs = jnp.broadcast_to(x, (n_experts, *x.shape))                               # [N, B, T, D]
-    for e in range(depth):
-        layer = _take(experts, block, slice(None), e)                             # {key: [N, ...]}
+    for e, layer in enumerate(experts[block]):
         q, k, v = jax.vmap(lambda lay, y: _qkv(lay, y, *rot, cfg))(layer, xs)     # [N, B, T, ...]
         cache = {n: lax.dynamic_update_slice(cache[n], new[None, :, None], (block, 0, e, 0, write, 0, 0))
                  for n, new in (("k", k), ("v", v))}
@@ -154,7 +162,7 @@ def forward(prepared: dict, cache: dict, tokens: jax.Array, write: jax.Array, pa
             | (keys[None, None, :] == index[None, :, None]))                       # [B, T, S]
     backbone = prepared["backbone"]
     x = jnp.take(backbone["embed"], tokens, axis=0)                                # [B, T, D]
-    n_layers = backbone["layers"]["attn_norm"].shape[0]
+    n_layers = len(backbone["layers"])
     probs = None
     if "blocks" not in prepared:
         x, bb = _backbone_layers(backbone["layers"], cache["backbone"], x, 0, n_layers, write, rot, mask, cfg)

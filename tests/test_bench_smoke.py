@@ -31,3 +31,19 @@ def test_plot_train_draws_the_stored_run(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(bad), "--out", str(tmp_path / "x.png")],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "no row for" in proc.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_gpu_generate_small_runs_its_check():
+    """bench/gpu_generate.py --small: fast/ greedy == ref/ on a small MoDE model, then one JSON row
+    per model with the peer's keys."""
+    import json
+    env = {**os.environ, "XLA_FLAGS": ""}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_generate.py"), "--small"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "check: fast f32 greedy == ref/" in proc.stdout
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["part"] for r in rows] == ["backbone", "mode"]
+    for r in rows:
+        assert {"batch", "prompt", "new", "total_s", "ttft_s", "decode_tok_s", "ms_per_step"} <= set(r)
+        assert r["decode_tok_s"] > 0 and r["total_s"] > r["ttft_s"] > 0
