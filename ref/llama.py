@@ -14,13 +14,19 @@ Params are nested dicts; matrices are stored [in, out] so `x @ w` applies them:
                  "wo": [N*H, D], "mlp_norm": [D], "w_gate": [D, F], "w_up": [D, F],
                  "w_down": [F, D],
                  "bq": [N*H], "bk": [K*H], "bv": [K*H] (qkv_bias only)}, ... L of them]}
+
+The public functions check their inputs' ranks, shapes and dtypes with chex (a
+ValueError naming the argument); the checks read static shapes only, so under jit
+they run once per trace and cost the compiled program nothing.
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 from mode_jax.ref.config import LlamaConfig
 
@@ -100,6 +106,23 @@ def init_llama(key: jax.Array, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
     return params
 
 
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def check_tokens(tokens: jax.Array, where: str) -> None:
+    """tokens must be integer ids [B, T] (a clear ValueError otherwise)."""
+    chex.assert_rank(tokens, 2, custom_message=f"{where}: tokens must be [B, T]", exception_type=ValueError)
+    chex.assert_type(tokens, int, custom_message=f"{where}: tokens must be integer ids", exception_type=ValueError)
+
+
+def _check_hidden(x: jax.Array, d_model: int, where: str) -> None:
+    chex.assert_rank(x, 3, custom_message=f"{where}: x must be [B, T, D]", exception_type=ValueError)
+    chex.assert_type(x, float, custom_message=f"{where}: x must be a float array", exception_type=ValueError)
+    _check(x.shape[-1] == d_model, f"{where}: x {x.shape} has width {x.shape[-1]}, the model {d_model}")
+
+
 def upcast(x: jax.Array) -> jax.Array:
     """x in at least float32 (float64 stays float64, so gradient checks stay exact)."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -107,6 +130,8 @@ def upcast(x: jax.Array) -> jax.Array:
 
 def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float) -> jax.Array:
     """x / rms(x) * scale, with the statistics in at least float32 whatever x's dtype."""
+    chex.assert_shape(scale, (x.shape[-1],), custom_message=f"rms_norm: scale must be [{x.shape[-1]}] for x "
+                      f"{x.shape}", exception_type=ValueError)
     x32 = upcast(x)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (normed * upcast(scale)).astype(x.dtype)
@@ -145,6 +170,9 @@ def rope_tables(positions: jax.Array, *, head_dim: int, theta: float,
                 freq_factors: tuple[float, ...] | None = None) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape [T, H] for the rotate-half layout (frequency i on dims i and i + H/2),
     frequency i divided by freq_factors[i] when given (`rope_freq_factors`)."""
+    chex.assert_rank(positions, 1, custom_message="rope_tables: positions must be [T]", exception_type=ValueError)
+    _check(freq_factors is None or len(freq_factors) == head_dim // 2,
+           f"rope_tables: freq_factors needs head_dim // 2 = {head_dim // 2} entries")
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2) / head_dim))  # [H/2], float32 (or 64 under x64)
     if freq_factors is not None:
         inv_freq = inv_freq / jnp.asarray(freq_factors, inv_freq.dtype)
@@ -155,6 +183,9 @@ def rope_tables(positions: jax.Array, *, head_dim: int, theta: float,
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate x [B, T, heads, H] by position: x * cos + rotate_half(x) * sin."""
+    chex.assert_rank(x, 4, custom_message="apply_rope: x must be [B, T, heads, H]", exception_type=ValueError)
+    chex.assert_shape([cos, sin], (x.shape[1], x.shape[3]), custom_message=f"apply_rope: cos, sin must be "
+                      f"[T, H] = {(x.shape[1], x.shape[3])}", exception_type=ValueError)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     out = upcast(x) * cos[None, :, None, :] + upcast(rotated) * sin[None, :, None, :]
@@ -172,10 +203,12 @@ def attention_qkv(layer: dict, x: jax.Array, positions: jax.Array, *, n_heads: i
                   head_dim: int, rope_theta: float, rope_freq_factors: tuple[float, ...] | None = None,
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q [B, T, N, H] and k, v [B, T, K, H] of x [B, T, D]; q and k rotated for `positions` [T]."""
-    b, t, _ = x.shape
-    q = project(layer, x, "wq").reshape(b, t, n_heads, head_dim)        # [B, T, N, H]
-    k = project(layer, x, "wk").reshape(b, t, n_kv_heads, head_dim)     # [B, S, K, H]
-    v = project(layer, x, "wv").reshape(b, t, n_kv_heads, head_dim)     # [B, S, K, H]
+    _check_hidden(x, layer["wq"].shape[0], "attention_qkv")
+    chex.assert_shape(positions, (x.shape[1],), custom_message=f"attention_qkv: positions must be [T] = "
+                      f"[{x.shape[1]}]", exception_type=ValueError)
+    q = rearrange(project(layer, x, "wq"), "B T (N H) -> B T N H", N=n_heads, H=head_dim)
+    k = rearrange(project(layer, x, "wk"), "B S (K H) -> B S K H", K=n_kv_heads, H=head_dim)
+    v = rearrange(project(layer, x, "wv"), "B S (K H) -> B S K H", K=n_kv_heads, H=head_dim)
     cos, sin = rope_tables(positions, head_dim=head_dim, theta=rope_theta, freq_factors=rope_freq_factors)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -183,17 +216,22 @@ def attention_qkv(layer: dict, x: jax.Array, positions: jax.Array, *, n_heads: i
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(H)) v over the keys where mask [T, S] is True:
     q [B, T, N, H], k, v [B, S, K, H] -> [B, T, N*H] (before the output projection)."""
+    chex.assert_rank([q, k, v], 4, custom_message="attend: q, k, v must be [B, T|S, heads, H]",
+                     exception_type=ValueError)
+    chex.assert_equal_shape([k, v], custom_message="attend: k and v must have one shape", exception_type=ValueError)
     b, t, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[2]
-    # Each group of N/K query heads shares one kv head.
-    group = n_heads // n_kv_heads
-    q = q.reshape(b, t, n_kv_heads, group, head_dim)              # [B, T, K, G, H]
+    _check(k.shape[0] == b and k.shape[3] == head_dim and n_heads % n_kv_heads == 0,
+           f"attend: q {q.shape} and k {k.shape} disagree (batch, head dim, or N not a multiple of K)")
+    chex.assert_shape(mask, (t, k.shape[1]), custom_message="attend: mask must be [T, S]", exception_type=ValueError)
+    # Each group of G = N/K query heads shares one kv head.
+    q = rearrange(q, "B T (K G) H -> B T K G H", K=n_kv_heads)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
     scores = scores / np.sqrt(head_dim)
     scores = jnp.where(mask, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)       # [B, K, G, T, S]
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)                # [B, T, K, G, H]
-    return out.reshape(b, t, n_heads * head_dim)
+    return rearrange(out, "B T K G H -> B T (K G H)")              # heads merged: [B, T, N*H]
 
 
 def attention(layer: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int, head_dim: int,
@@ -207,12 +245,14 @@ def attention(layer: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int, head_
 
 
 def mlp(layer: dict, x: jax.Array) -> jax.Array:
-    """SwiGLU: (silu(x W_gate) * x W_up) W_down."""
+    """SwiGLU: (silu(x W_gate) * x W_up) W_down, x [B, T, D] -> [B, T, D]."""
+    _check_hidden(x, layer["w_gate"].shape[0], "mlp")
     return (jax.nn.silu(x @ layer["w_gate"]) * (x @ layer["w_up"])) @ layer["w_down"]
 
 
 def layer_forward(layer: dict, x: jax.Array, cfg: LlamaConfig) -> jax.Array:
     """One pre-norm residual layer, x [B, T, D] -> [B, T, D]."""
+    _check_hidden(x, cfg.d_model, "layer_forward")
     h = x + attention(layer, rms_norm(x, layer["attn_norm"], eps=cfg.norm_eps),
                       n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                       head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
@@ -228,11 +268,13 @@ def layers_forward(layers: list[dict], x: jax.Array, cfg: LlamaConfig) -> jax.Ar
 
 def embed(params: dict, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] int -> [B, T, D]."""
+    check_tokens(tokens, "embed")
     return jnp.take(params["embed"], tokens, axis=0)
 
 
 def lm_head(params: dict, h: jax.Array, cfg: LlamaConfig) -> jax.Array:
     """Final norm and output projection: h [B, T, D] -> logits [B, T, V], at least float32."""
+    _check_hidden(h, cfg.d_model, "lm_head")
     h = rms_norm(h, params["final_norm"], eps=cfg.norm_eps)
     w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]   # [D, V]
     return jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.promote_types(h.dtype, jnp.float32))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mode_jax.ref.config import LlamaConfig, ModeConfig
-from mode_jax.ref.llama import embed, init_layer, layers_forward, lm_head, upcast
+from mode_jax.ref.llama import check_tokens, embed, init_layer, layers_forward, lm_head, upcast
 
 
 def gated_combine(logits: jax.Array, outputs: jax.Array) -> jax.Array:
@@ -43,12 +43,6 @@ def gated_combine(logits: jax.Array, outputs: jax.Array) -> jax.Array:
     probs = jax.nn.softmax(upcast(logits), axis=-1)                              # [..., E]
     mixed = jnp.einsum("...E,E...D->...D", probs, upcast(outputs))
     return mixed.astype(outputs.dtype)
-
-
-def check_tokens(tokens: jax.Array, where: str) -> None:
-    """tokens must be integer ids [B, T] (a clear ValueError otherwise)."""
-    chex.assert_rank(tokens, 2, custom_message=f"{where}: tokens must be [B, T]", exception_type=ValueError)
-    chex.assert_type(tokens, int, custom_message=f"{where}: tokens must be integer ids", exception_type=ValueError)
 
 
 def gate_logits(block: dict, x: jax.Array) -> jax.Array:

@@ -220,3 +220,28 @@ def test_new_config_fields_round_trip_through_json_and_hash():
 def test_new_config_fields_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LlamaConfig.tiny(**kwargs)
+
+
+def test_public_functions_check_their_inputs():
+    """chex checks at the public functions: a ValueError naming the function and argument."""
+    from mode_jax.ref.llama import attend, embed, layer_forward, lm_head
+    cfg = LlamaConfig.tiny(n_layers=1)
+    params = init_llama(jax.random.key(0), cfg)
+    x = 0.5 + jnp.zeros((1, 3, cfg.d_model))
+    cases = [
+        (lambda: llama_forward(params, jnp.array([1, 2, 3]), cfg), "tokens must be \\[B, T\\]"),
+        (lambda: llama_forward(params, jnp.array([[0.5, 1.5]]), cfg), "tokens must be integer ids"),
+        (lambda: embed(params, jnp.ones((1, 2, 3), jnp.int32)), "embed: tokens must be \\[B, T\\]"),
+        (lambda: layer_forward(params["layers"][0], x[..., :16], cfg), "layer_forward: x .* has width 16, the model 32"),
+        (lambda: lm_head(params, x[0], cfg), "lm_head: x must be \\[B, T, D\\]"),
+        (lambda: rms_norm(x, jnp.ones(5), eps=1e-5), "rms_norm: scale must be \\[32\\]"),
+        (lambda: apply_rope(x.reshape(1, 3, 4, 8), *rope_tables(jnp.arange(4), head_dim=8, theta=1e4)),
+         "apply_rope: cos, sin must be \\[T, H\\]"),
+        (lambda: attend(x.reshape(1, 3, 4, 8), x.reshape(1, 3, 4, 8), x.reshape(1, 3, 4, 8)[..., :4],
+                        jnp.ones((3, 3), bool)), "attend: k and v must have one shape"),
+        (lambda: attend(x.reshape(1, 3, 4, 8), x.reshape(1, 3, 4, 8)[:, :, :3], x.reshape(1, 3, 4, 8)[:, :, :3],
+                        jnp.ones((3, 3), bool)), "N not a multiple of K"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
