@@ -21,9 +21,9 @@ import dataclasses
 import jax
 
 from mode_jax.ref.config import LlamaConfig, LoraConfig, ModeConfig
-from mode_jax.ref.llama import llama_forward
+from mode_jax.ref.llama import check_tokens, llama_forward
 from mode_jax.ref.lora import init_lora, lora_merge
-from mode_jax.ref.mode import check_tokens, init_mode, mode_forward, stage2_from_stage1
+from mode_jax.ref.mode import init_mode, mode_forward, stage2_from_stage1
 
 
 def _in(part: str):
