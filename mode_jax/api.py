@@ -81,7 +81,8 @@ def _load_params(model: str, experts, run, progress: bool):
         if "blocks" not in params:
             raise UserError(f"{run} holds a {method} model, not a MoDE one: generate serves backbones and MoDE")
         n = len(params["blocks"][0]["experts"])
-        domains = source_run.info().get("domains") or []
+        info = source_run.info()          # compose runs record "domains", train-expert runs "domain"
+        domains = info.get("domains") or ([info["domain"]] if info.get("domain") else [])
         names += list(domains) if len(domains) == n else [f"expert{j + 1}" for j in range(n)]
     return params, bb, cfg.model.source, names
 
@@ -222,16 +223,21 @@ class _Streamer:
     def __call__(self, step: int, tokens: np.ndarray, routing: np.ndarray) -> bool:
         if int(tokens[0]) == self.eos_id:      # the end, not text
             return True
+        from mode_jax.ref.decode import first_stop
         self.ids.append(int(tokens[0]))
         text = self.detokenize(self.ids)
-        hold = max((len(s) - 1 for s in self.stop), default=0)
-        ready = text[:max(len(self.sent), len(text) - hold)]
-        if ready.endswith("\ufffd"):          # half of a multi-byte character
-            return False
-        if len(ready) > len(self.sent):
+        cut = first_stop(text, self.stop)
+        if cut is not None:                   # send what comes before the stop string, and stop
+            ready, finished = text[:cut], True
+        else:
+            hold = max((len(s) - 1 for s in self.stop), default=0)
+            ready, finished = text[:max(len(self.sent), len(text) - hold)], False
+            if ready.endswith("\ufffd"):      # half of a multi-byte character
+                return False
+        if len(ready) > len(self.sent) and ready.startswith(self.sent):
             self.stream(ready[len(self.sent):], routing[0])
             self.sent = ready
-        return False
+        return finished
 
     def flush(self, final_text: str) -> None:
         """Send what the final (cut) text still holds beyond what was sent."""

@@ -104,3 +104,13 @@ def test_expert_for_another_backbone_is_refused(experts, capsys, tmp_path):
     page = tmp_path / "r.html"
     assert_refused(capsys, ["generate", "--model", "tiny", "--experts", experts[0], experts[2], "--prompt", "hi",
                             "--routing-html", str(page)], page, "other.safetensors", "fingerprint")
+
+
+def test_stop_string_cuts_the_text_and_the_stream_matches(model):
+    full = model.generate("Once", max_new_tokens=12)
+    assert full.finish == "length" and len(full.text) >= 8, full
+    stop = full.text[4:6]
+    pieces = []
+    out = model.generate("Once", max_new_tokens=12, stop=[stop], stream=lambda piece, routing: pieces.append(piece))
+    assert out.finish == "stop" and out.text == full.text[:full.text.find(stop)]
+    assert "".join(pieces) == out.text and out.tokens == full.tokens[:len(out.tokens)]
