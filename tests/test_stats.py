@@ -174,3 +174,25 @@ def test_eval_rows_of_synthetic_data_map_to_documents():
             start = offsets[r] + 1
             assert rows[r].tolist() == stream[offsets[r]:offsets[r] + cfg.data.seq_len + 1].tolist()
             assert ids[r].tolist() == doc_of[start:start + cfg.data.seq_len].tolist()
+
+
+def test_average_over_domains():
+    rng = np.random.default_rng(10)
+    y1, y2 = rng.binomial(30, rng.beta(2, 2, size=200)), rng.binomial(30, rng.beta(5, 2, size=120))
+    n1, n2 = np.full(200, 30), np.full(120, 30)
+    # one domain: the same draws, so exactly bootstrap_accuracy's interval
+    one = stats.average_over_domains([(y1, n1)], n_boot=3000, seed=4)
+    assert one == stats.bootstrap_accuracy(y1, n1, n_boot=3000, seed=4)
+    # two domains, one seed: documents drawn independently per domain, so
+    # SE(mean) = sqrt(se1^2 + se2^2) / 2
+    both = stats.average_over_domains([(y1, n1), (y2, n2)], n_boot=20000, seed=5)
+    assert both.estimate == pytest.approx((y1.sum() / n1.sum() + y2.sum() / n2.sum()) / 2, abs=1e-15)
+    se1, se2 = stats.clustered_se(y1, n1), stats.clustered_se(y2, n2)
+    np.testing.assert_allclose(both.se, np.hypot(se1 * np.sqrt(199 / 200), se2 * np.sqrt(119 / 120)) / 2,
+                               **MONTE_CARLO)
+    # paired: a - a is exactly zero; a known shift shows
+    zero = stats.average_over_domains([(y1, n1), (y2, n2)], [(y1, n1), (y2, n2)], n_boot=500)
+    assert (zero.estimate, zero.low, zero.high) == (0.0, 0.0, 0.0)
+    ya, yb, n = _methods(0.03, seed=11)
+    d = stats.average_over_domains([(yb, n), (yb, n)], [(ya, n), (ya, n)], n_boot=2000)
+    assert d.excludes_zero and d.estimate == pytest.approx(stats.accuracy(yb, n) - stats.accuracy(ya, n), abs=1e-15)

@@ -269,6 +269,12 @@ def test_report_on_recorded_counts(tmp_path):
     assert ab["estimate"] == pytest.approx(-ba["estimate"], abs=1e-15) == pytest.approx(-(0.7 - 0.6), abs=1e-15)
     assert (ab["low"], ab["high"]) == pytest.approx((-ba["high"], -ba["low"]), abs=1e-15)
     assert diff[("c", "a")] is None and diff[("c", "b")] is None
+    # one domain: the average is that domain, and so is its paired difference
+    full = {r["name"]: r for r in table["rows"]}
+    assert {k: full["a"]["avg"][k] for k in ("estimate", "low", "high")} == \
+        {k: rows["a"][k] for k in ("estimate", "low", "high")}
+    avg = {(e["name"], e["baseline"]): e["avg"] for e in table["differences"]}
+    assert avg[("b", "a")]["estimate"] == pytest.approx(ab["estimate"], abs=1e-15) and avg[("c", "a")] is None
     md = (tmp_path / "table.md").read_text()
     assert md.count("Paired differences against") == 2 and "not paired" in md
     assert (tmp_path / "differences.png").stat().st_size > 0

@@ -76,13 +76,14 @@ def accuracy(correct, tokens) -> float:
     return float(np.mean([y.sum() / n.sum() for y, n in zip(ys, ns)]))
 
 
-def _replicates(pairs, n_boot: int, rng: np.random.Generator, shared: bool) -> list[np.ndarray]:
+def _replicates(pairs, n_boot: int, rng: np.random.Generator, shared: bool, seeds=None) -> list[np.ndarray]:
     """Bootstrap replicates [B] of each statistic in `pairs` (a list of (ys, ns) per method,
     all on the same seeds and documents), every method getting the same draws: seeds with
-    replacement; documents with replacement, once for all seeds (`shared`) or afresh for
-    each drawn seed (seeds evaluated on their own documents)."""
+    replacement (or the given draws `seeds` [B, S]); documents with replacement, once for
+    all seeds (`shared`) or afresh for each drawn seed (seeds evaluated on their own documents)."""
     n_seeds = len(pairs[0][0])
-    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))                   # [B, S] drawn seeds
+    if seeds is None:
+        seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))               # [B, S] drawn seeds
     sizes = [y.size for y in pairs[0][0]]
     if shared and len(set(sizes)) != 1:
         raise ValueError("shared documents need the same documents for every seed")
@@ -132,6 +133,30 @@ def paired_difference(correct_a, tokens_a, correct_b, tokens_b, *, shared_docume
     ra, rb = _replicates([(ya, na), (yb, nb)], n_boot, np.random.default_rng(seed), shared_documents)
     return _interval(accuracy(ya, na) - accuracy(yb, nb), ra - rb, len(ya), int(np.mean([y.size for y in ya])),
                      level)
+
+
+def average_over_domains(per_domain, per_domain_b=None, *, shared_documents: bool = True,
+                         n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> Interval:
+    """The mean over domains of the accuracy (or, given `per_domain_b`, of the paired difference
+    a - b), each domain a (correct, tokens) pair as above, all on the same seeds. One draw of
+    seeds serves every domain (a seed's luck is shared by its domains); documents are drawn
+    per domain (each domain has its own test documents)."""
+    a = [_as_counts(c, t) for c, t in per_domain]
+    b = None if per_domain_b is None else [_as_counts(c, t) for c, t in per_domain_b]
+    n_seeds = len(a[0][0])
+    if any(len(ys) != n_seeds for ys, _ in a + (b or [])):
+        raise ValueError("every domain must be measured on the same seeds")
+    if b is not None and [[y.shape for y in ys] for ys, _ in a] != [[y.shape for y in ys] for ys, _ in b]:
+        raise ValueError("a paired comparison needs the same seeds and documents for both methods")
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    reps, estimate = np.zeros(n_boot), 0.0
+    for k, (ys, ns) in enumerate(a):
+        pairs = [(ys, ns)] if b is None else [(ys, ns), b[k]]
+        r = _replicates(pairs, n_boot, rng, shared_documents, seeds=seeds)
+        reps += (r[0] if b is None else r[0] - r[1]) / len(a)
+        estimate += (accuracy(ys, ns) - (0.0 if b is None else accuracy(*b[k]))) / len(a)
+    return _interval(estimate, reps, n_seeds, int(sum(np.mean([y.size for y in ys]) for ys, _ in a)), level)
 
 
 def clustered_se(correct, tokens) -> float:

@@ -83,7 +83,9 @@ def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
             row["domains"][d] = {**stats.bootstrap_accuracy(ys, ns, shared_documents=shared, n_boot=n_boot).to_dict(),
                                  "unit": unit, "shared_documents": shared,
                                  "per_seed": [float(y.sum() / n.sum()) for y, n in zip(ys, ns)]}
-        row["avg"] = float(np.mean([row["domains"][d]["estimate"] for d in domains]))
+        counts = [_counts(runs, d) for d in domains]
+        row["avg"] = stats.average_over_domains([(ys, ns) for ys, ns, _, _ in counts], n_boot=n_boot,
+                                                shared_documents=all(c[2] for c in counts)).to_dict()
         rows.append(row)
     for base in baselines:
         diffs += [_paired(name, by_seed, base, groups[base], domains, n_boot)
@@ -108,11 +110,17 @@ def _paired(name, by_seed, base, base_by_seed, domains, n_boot) -> dict[str, Any
         yb, nb, _, _ = _counts(b, d)
         entry["domains"][d] = stats.paired_difference(ya, na, yb, nb, shared_documents=shared,
                                                       n_boot=n_boot).to_dict()
+    entry["avg"] = None
+    if domains and all(entry["domains"][d] is not None for d in domains):
+        ca = [_counts([by_seed[s] for s in seeds], d) for d in domains]
+        cb = [_counts([base_by_seed[s] for s in seeds], d) for d in domains]
+        entry["avg"] = stats.average_over_domains([c[:2] for c in ca], [c[:2] for c in cb], n_boot=n_boot,
+                                                  shared_documents=all(c[2] for c in ca)).to_dict()
     return entry
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}"
+def _interval_pct(v: dict) -> str:
+    return f"{100 * v['estimate']:.2f} [{100 * v['low']:.2f}, {100 * v['high']:.2f}]"
 
 
 def markdown(table: dict[str, Any]) -> str:
@@ -121,22 +129,20 @@ def markdown(table: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
     for r in table["rows"]:
         cells = [r["name"], str(len(r["seeds"])), f"{r['params_trainable']:,}"]
-        cells += [f"{_pct(r['domains'][d]['estimate'])} [{_pct(r['domains'][d]['low'])}, "
-                  f"{_pct(r['domains'][d]['high'])}]" for d in domains]
-        lines.append("| " + " | ".join(cells + [_pct(r["avg"])]) + " |")
+        cells += [_interval_pct(r["domains"][d]) for d in domains]
+        lines.append("| " + " | ".join(cells + [_interval_pct(r["avg"])]) + " |")
     units = sorted({f"{d}: {r['domains'][d]['n_units']} {r['domains'][d]['unit']}s"
                     for r in table["rows"][:1] for d in domains})
     text = ["Accuracy, % (mean over seeds) [95% bootstrap interval over seeds and test units; "
             + "; ".join(units) + "].", "", *lines, ""]
     for base in table["baselines"]:
-        head = ["cell"] + [f"{d.capitalize()} - baseline" for d in domains]
+        head = ["cell"] + [f"{d.capitalize()} - baseline" for d in domains] + ["avg - baseline"]
         text += [f"Paired differences against **{base}** (same seeds, same documents), "
                  "points [95% interval]; * = the interval excludes zero.", "",
                  "| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
         for e in (e for e in table["differences"] if e["baseline"] == base):
             cells = [e["name"]]
-            for d in domains:
-                v = e["domains"][d]
+            for v in [e["domains"][d] for d in domains] + [e["avg"]]:
                 cells.append("not paired" if v is None else f"{100 * v['estimate']:+.2f} [{100 * v['low']:+.2f}, "
                              f"{100 * v['high']:+.2f}]" + (" *" if v["excludes_zero"] else ""))
             text.append("| " + " | ".join(cells) + " |")
