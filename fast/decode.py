@@ -200,8 +200,9 @@ def prefill(prepared: dict, tokens: jax.Array, pad: jax.Array, key: jax.Array, *
     `size` positions -> (first new token [B], its logits [B, V], the last column's gate
     probabilities [B, n_blocks, E], cache, the prompt's logits [B, P, V] if all_logits)."""
     cache = init_cache(prepared, tokens.shape[0], size, cfg, fast)
-    logits, cache, probs = forward(prepared, cache, tokens, jnp.int32(0), pad, cfg, fast, all_logits=True)
-    last = logits[:, -1]
+    # Only the last column's logits unless asked: [B, P, V] float32 is 1.6 GB at B=64, P=128.
+    logits, cache, probs = forward(prepared, cache, tokens, jnp.int32(0), pad, cfg, fast, all_logits=all_logits)
+    last = logits[:, -1] if all_logits else logits
     n_blocks, width = _routing_width(prepared)
     routing = probs[:, -1] if probs is not None else jnp.zeros((tokens.shape[0], n_blocks, width), F32)
     token = sample(step_key(key, 0), last, sampling)
