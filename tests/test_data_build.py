@@ -223,3 +223,9 @@ def test_own_and_builtin_domains_build_together(local_sources, tmp_path):
         streams["test" if u < 0.2 else "validation" if u < 0.3 else "train"] += [b + OFFSET for b in t.encode()] + [EOS]
     for split, ids in streams.items():
         assert store.load_split(out, "notes", split).tolist() == ids
+    # the same files give the same bytes, wherever they are built
+    again = tmp_path / "again"
+    assert cli.main(["data", "build", "--out", str(again), "--tokenizer", "bytes", "-q", "--code-source", str(code),
+                     "--domain", "code", "--domain", f"notes={notes}", "--split", "0.1,0.2"]) == 0
+    for f in sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()):
+        assert (again / f).read_bytes() == (out / f).read_bytes(), f

@@ -94,6 +94,8 @@ def _train_compose_evaluate(model, data, runs, base_source: str, *, specialists:
     composed = json.loads((runs / "mode" / "result.json").read_text())
     assert composed["domains_trained"] == ["recipes", "weather"]
     assert composed["base_model"]["name"] == model.name
+    _, _, info = expert_io.load_model(runs / "mode" / "model.safetensors", {}, fingerprint=composed["backbone_fingerprint"])
+    assert info["base_model"] == composed["base_model"]                 # the model file records it too
     assert main(["eval", "--out", str(runs / "backbone"), *common]) == 0
     assert main(["eval", "--run", str(runs / "mode"), "--out", str(runs / "eval"), "--quiet"]) == 0
     base = json.loads((runs / "backbone" / "result.json").read_text())["domains"]

@@ -31,7 +31,8 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text (backbone, expert files or a composed run), with routing",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
-                   help="a model name from `mode-jax fetch --list`, a .gguf path, or 'tiny' (default smollm2-135m)")
+                   help="a model name from `mode-jax fetch --list`, a .gguf path, a Hugging Face directory "
+                        "(config.json, *.safetensors, tokenizer.json), or 'tiny' (default smollm2-135m)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--experts", nargs="+", default=None, metavar="FILE",
                       help="expert files to compose with their stage-1 gates")
