@@ -7,6 +7,10 @@ What runs (each part after a correctness check against ref/ on a small model):
   lora   LoRA r16 (alpha 32) on wq, wk, wv, wo; backbone frozen
   mode   MoDE, 2 experts, 3 blocks x 2 expert layers (experts and gates train)
   mode_stacked  the same with FastConfig(merge="stacked"): the fused merge's effect
+  mode_spmd, mode_spmd_stacked  the MoDE step as `--mesh` runs it (fast/spmd.py: block
+         activations pinned to the batch sharding; the fused merge, or the stacked one as the
+         Pallas combine per batch shard under shard_map) on one mesh of every local device
+         (fsdp): on one GPU, the sharded code path's own cost next to `mode`
   block  one MoDE block (10 backbone + 2 x 2 expert layers) forward+backward: jitted
          ref/ (all weights bf16) vs fast/ (fused and stacked merge)
 All in bf16 compute, float32 master weights, gates and AdamW state (optax), frozen
@@ -58,6 +62,8 @@ from mode_jax.fast import model as fast_model
 from mode_jax.fast import params as P
 from mode_jax.fast import train as FT
 from mode_jax.fast.config import LAYER_LOOPS, REMATS, FastConfig
+from mode_jax.fast.sharding import make_mesh
+from mode_jax.fast.spmd import SpmdStep
 from mode_jax.ref import llama as ref_llama
 from mode_jax.ref import mode as ref_mode
 from mode_jax.ref import train as RT
@@ -77,8 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--parts", default=None,
-                   help="comma list of full, lora, mode, mode_stacked, block (default: all; "
-                        "--small: all but mode_stacked, whose merge the block part covers)")
+                   help="comma list of full, lora, mode, mode_stacked, mode_spmd, mode_spmd_stacked, "
+                        "block (default: full, lora, mode, mode_stacked, block; --small: without "
+                        "mode_stacked, whose merge the block part covers)")
     p.add_argument("--peak-tflops", type=float, default=None, help="skip the matmul measurement")
     p.add_argument("--peer-json", default=None, help="JSON lines written by bench/peer_hf.py")
     p.add_argument("--loss-chunk", type=int, default=4096)
@@ -112,8 +119,11 @@ def parse_args(argv=None):
 LORA = LoraConfig(rank=16, alpha=32.0, targets="attn")
 MODE = ModeConfig(n_blocks=3, expert_layers=2, n_experts=2, expert_init="random")
 OPT = OptimConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000, weight_decay=0.01)
-METHOD_OF = {"full": "full", "lora": "lora", "mode": "uninit", "mode_stacked": "uninit"}
-LABEL = {"full": "full FT", "lora": "LoRA r16 attn", "mode": "MoDE 2x(3x2)", "mode_stacked": "MoDE stacked merge"}
+METHOD_OF = {"full": "full", "lora": "lora", "mode": "uninit", "mode_stacked": "uninit",
+             "mode_spmd": "uninit", "mode_spmd_stacked": "uninit"}
+LABEL = {"full": "full FT", "lora": "LoRA r16 attn", "mode": "MoDE 2x(3x2)", "mode_stacked": "MoDE stacked merge",
+         "mode_spmd": "MoDE SPMD fused merge", "mode_spmd_stacked": "MoDE SPMD stacked merge"}
+SPMD_PARTS = ("mode_spmd", "mode_spmd_stacked")
 # CPU smoke runs compile many programs once: optimising them costs more than running them.
 CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -202,7 +212,7 @@ def random_batch(key, cfg, batch, seq):
 def fast_config(part: str, args, overrides: dict | None = None) -> FastConfig:
     chosen = {k: v for k, v in (("remat", args.remat), ("layer_loop", args.layer_loop)) if v is not None}
     base = FastConfig(attention=args.attention, loss_chunk=args.loss_chunk,
-                      merge="stacked" if part == "mode_stacked" else "fused", **chosen)
+                      merge="stacked" if part.endswith("stacked") else "fused", **chosen)
     return dataclasses.replace(base, **(overrides or {}))
 
 
@@ -241,6 +251,20 @@ def compiled_step(train, frozen, state, batch, *, cfg, lora, fast):
     return _COMPILED[key]
 
 
+def spmd_step(params, cfg, fast, args, batch):
+    """fast/spmd.py's step on one mesh of every local device along fsdp (one GPU: a mesh of
+    one), laid out and compiled: (train, frozen, opt state, batch, compiled, compile seconds).
+    Its numerics are checked against ref/ by tests/test_sharding_spmd.py on 8 CPU devices."""
+    step = SpmdStep.build(params, cfg, OPT, mesh=make_mesh((("fsdp", -1),)), batch_size=args.batch,
+                          seq_len=args.seq, fast=fast, compiler_options=compiler_options())
+    train, frozen, state = step.place(params)
+    frozen = jax.jit(lambda f: FT.cast_frozen(f, fast), out_shardings=step.shardings["frozen"])(frozen)
+    batch = step.place_batch(batch)
+    start = time.perf_counter()
+    compiled = step.step_fn.lower(train, frozen, state, batch, OPT.learning_rate).compile()
+    return train, frozen, state, batch, compiled, time.perf_counter() - start
+
+
 # ----------------------------------------------------------------------------- checks
 
 def check_step(part: str, args, overrides: dict | None = None) -> str:
@@ -277,16 +301,21 @@ def run_train(part: str, args, peak: float, overrides: dict | None = None) -> di
     lora = LORA if part == "lora" else None
     fast = fast_config(part, args, overrides)
     params = P.to_fast(build(part, cfg, jax.random.key(0)))
-    train, frozen = P.partition(params, METHODS[METHOD_OF[part]])
-    frozen = FT.cast_frozen(frozen, fast)
-    del params
-    state = FT.init_opt_state(train, OPT)
     batch = random_batch(jax.random.key(1), cfg, args.batch, args.seq)
-    compiled, compile_s = compiled_step(train, frozen, state, batch, cfg=cfg, lora=lora, fast=fast)
+    extra = ()
+    if part in SPMD_PARTS:
+        train, frozen, state, batch, compiled, compile_s = spmd_step(params, cfg, fast, args, batch)
+        extra = (OPT.learning_rate,)
+    else:
+        train, frozen = P.partition(params, METHODS[METHOD_OF[part]])
+        frozen = FT.cast_frozen(frozen, fast)
+        state = FT.init_opt_state(train, OPT)
+        compiled, compile_s = compiled_step(train, frozen, state, batch, cfg=cfg, lora=lora, fast=fast)
+    del params
 
     def one(carry):
         t, s, _ = carry
-        return compiled(t, frozen, s, batch)
+        return compiled(t, frozen, s, batch, *extra)
 
     seconds, (train, state, metrics) = median_time(one, (train, state, None), steps=args.steps,
                                                    warmup=args.warmup)
@@ -500,8 +529,10 @@ def main(argv=None) -> int:
     else:
         MODE = dataclasses.replace(MODE, n_blocks=SHAPES[args.shape]["mode_blocks"])
     LABEL["mode"] = f"MoDE 2x({MODE.n_blocks}x{MODE.expert_layers})"
+    for part in SPMD_PARTS:
+        LABEL[part] = f"{LABEL['mode']} SPMD x{jax.device_count()} {fast_config(part, args).merge}"
     parts = [p for p in args.parts.split(",") if p]
-    unknown = set(parts) - {"full", "lora", "mode", "mode_stacked", "block"}
+    unknown = set(parts) - {"block", *METHOD_OF}
     if unknown:
         raise SystemExit(f"unknown parts {sorted(unknown)}")
     dev = jax.devices()[0]
@@ -514,7 +545,7 @@ def main(argv=None) -> int:
     rows, failures = [], []
 
     def train_part(part, overrides=None):
-        if not args.no_check:
+        if not args.no_check and part not in SPMD_PARTS:
             msg = check_step(part, args, overrides)
             print(f"[{time.perf_counter() - t0:6.1f}s] check {part}: {msg}", flush=True)
         r = run_train(part, args, peak, overrides)

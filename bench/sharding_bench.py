@@ -37,7 +37,8 @@ import numpy as np
 
 from mode_jax import distributed
 from mode_jax.fast.config import FastConfig
-from mode_jax.fast.mpmd import MpmdStep, SubMesh, even_placement
+from mode_jax.fast.mpmd import MpmdStep
+from mode_jax.fast.placement import SubMesh, even_placement
 from mode_jax.fast.sharding import make_mesh
 from mode_jax.fast.spmd import SpmdStep
 from mode_jax.ref.config import LlamaConfig, OptimConfig

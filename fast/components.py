@@ -1,5 +1,6 @@
 """The pieces of a MoDE forward pass (paper eq. 1-2) as separate pure functions, for
-running them on different meshes (section 3.3, MPMD) or together (SPMD).
+running them on different meshes (section 3.3, MPMD: `fast/mpmd.py`). The whole
+forward, on one device or one mesh (SPMD), is `fast/model.py`'s `mode_hidden`.
 
 Params are the stacked layout of `fast/params.py`. `Numerics` says how a stack of
 layers, the embedding and the loss compute: `fast=None` is `ref/llama.py`'s math
@@ -9,10 +10,9 @@ remat) and `fast/loss.py`'s chunked loss. Experts are a `vmap` over the stack.
 
     Numerics.embed         backbone, tokens [B, T]           -> x [B, T, D]
     backbone_block         layers [L, ...], x, block i        -> f_bb^i(x) [B, T, D]
-    experts_block          experts [n_blocks, n, EL, ...], x  -> [f_e^{i,j}(x)]_j  [n, B, T, D]
+    experts_forward        one block's experts [n, EL, ...], x -> [f_e^{i,j}(x)]_j  [n, B, T, D]
     gate_merge             gate_w, gate_b, x, h_bb, h_experts -> y [B, T, D]          (eq. 1-2)
     Numerics.head_metrics  backbone, h, targets, mask         -> {"loss", "accuracy", "tokens"}
-    mode_metrics           the whole model, for one-mesh (SPMD) execution
 
 The merge always stacks the finished outputs (FastConfig.merge='fused' fuses it
 with matmuls that, under MPMD, live on other meshes). The block index is a traced
@@ -32,16 +32,11 @@ from mode_jax.fast import loss as fast_loss
 from mode_jax.fast import model as fast_model
 from mode_jax.fast.config import FastConfig
 from mode_jax.ref.config import LlamaConfig
-from mode_jax.ref.llama import layer_forward, lm_head, upcast
+from mode_jax.ref.llama import layer_forward, lm_head
 from mode_jax.ref.mode import gated_combine as ref_gated_combine
 from mode_jax.ref.train import next_token_metrics
 
 Combine = Callable[[jax.Array, jax.Array], jax.Array]   # (logits [B,T,E], outputs [E,B,T,D]) -> [B,T,D]
-Constrain = Callable[[jax.Array], jax.Array]
-
-
-def _identity(x):
-    return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,16 +87,6 @@ def experts_forward(experts: dict, x: jax.Array, num: Numerics) -> jax.Array:
     return jax.vmap(lambda expert: num.stack(expert, x))(experts)
 
 
-def experts_block(experts: dict, x: jax.Array, block: jax.Array, *, num: Numerics) -> jax.Array:
-    """Block i's experts of a {key: [n_blocks, n, EL, ...]} stack -> [n, B, T, D]."""
-    return experts_forward(take_block(experts, block), x, num)
-
-
-def gate_logits(gate_w: jax.Array, gate_b: jax.Array, x: jax.Array) -> jax.Array:
-    """x [B, T, D] -> float32 logits [B, T, E] (eq. 2, before the softmax)."""
-    return upcast(x) @ upcast(gate_w) + upcast(gate_b)
-
-
 def gate_merge(gate_w: jax.Array, gate_b: jax.Array, x: jax.Array, h_bb: jax.Array,
                h_experts: list[jax.Array], *, combine: Combine = ref_gated_combine,
                expert_order: tuple[int, ...] | None = None) -> jax.Array:
@@ -112,33 +97,7 @@ def gate_merge(gate_w: jax.Array, gate_b: jax.Array, x: jax.Array, h_bb: jax.Arr
     ...); the gate's columns are permuted to match (logits are [B, T, E]: cheap).
     """
     outputs = jnp.concatenate([h_bb[None], *h_experts], axis=0)                   # [E, B, T, D]
-    logits = gate_logits(gate_w, gate_b, x)                                       # [B, T, E]
+    logits = fast_model.gate_logits(gate_w, gate_b, x)                            # [B, T, E]
     if expert_order is not None and tuple(expert_order) != tuple(range(len(expert_order))):
         logits = logits[..., jnp.array((0, *(1 + e for e in expert_order)))]
     return combine(logits, outputs)
-
-
-def mode_hidden(params: dict, tokens: jax.Array, num: Numerics, *,
-                combine: Combine = ref_gated_combine, constrain: Constrain = _identity) -> jax.Array:
-    """The last block's mixed output [B, T, D]; `constrain` pins each block input's sharding."""
-    backbone, blocks = params["backbone"], params["blocks"]
-    n_layers, n_blocks = backbone["layers"]["wq"].shape[0], blocks["gate_w"].shape[0]
-    if n_layers % n_blocks:
-        raise ValueError(f"{n_layers} backbone layers are not divisible into {n_blocks} blocks")
-    per_block = n_layers // n_blocks
-    x = constrain(num.embed(backbone, tokens))                                    # [B, T, D]
-    # A Python loop over blocks (n_blocks is small): each block's layers are a scan.
-    for i in range(n_blocks):
-        h_bb = backbone_block(backbone["layers"], x, jnp.int32(i), per_block=per_block, num=num)
-        h_ex = experts_block(blocks["experts"], x, jnp.int32(i), num=num)         # [N, B, T, D]
-        x = constrain(gate_merge(blocks["gate_w"][i], blocks["gate_b"][i], x, h_bb, [h_ex],
-                                 combine=combine))
-    return x
-
-
-def mode_metrics(params: dict, batch: dict, num: Numerics, *,
-                 combine: Combine = ref_gated_combine, constrain: Constrain = _identity) -> dict:
-    """Next-token metrics of a MoDE model on batch {"tokens": [B, T + 1], "mask"?: [B, T]}."""
-    tokens = batch["tokens"]
-    h = mode_hidden(params, tokens[:, :-1], num, combine=combine, constrain=constrain)
-    return num.head_metrics(params["backbone"], h, tokens[:, 1:], batch.get("mask"))

@@ -29,7 +29,9 @@ Dimension alphabet as in `ref/__init__.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -223,13 +225,29 @@ def gate_logits(gate_w: jax.Array, gate_b: jax.Array, x: jax.Array) -> jax.Array
     return jnp.einsum("BTD,DE->BTE", x.astype(F32), gate_w.astype(F32)) + gate_b.astype(F32)
 
 
+def _identity(x):
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """What a sharded step changes in the MoDE forward (`fast/steps.py` sets them):
+    `constrain` pins each block's input and output (x [B, T, D]) to the batch sharding;
+    `combine` is the stacked merge (logits [B, T, E], outputs [E, B, T, D] -> [B, T, D]),
+    e.g. the Pallas combine per batch shard under shard_map (`fast/sharded_combine.py`).
+    The fused merge (`fast/merge.py`) is plain XLA, which partitions it by itself."""
+    constrain: Callable[[jax.Array], jax.Array] = _identity
+    combine: Callable[[jax.Array, jax.Array], jax.Array] = gated_combine
+
+
 def block_forward(backbone_layers: dict, block: dict, x: jax.Array, cfg: LlamaConfig,
-                  fast: FastConfig, *, return_probs: bool = False):
+                  fast: FastConfig, *, return_probs: bool = False, hooks: Hooks | None = None):
     """One MoDE block (eq. 1-2): x [B, T, D] -> y [B, T, D] (and the gate probabilities [B, T, E]).
 
     backbone_layers: {key: [L_block, ...]} the block's backbone layers;
     block: {"experts": {key: [N, expert_layers, ...]}, "gate_w": [D, E], "gate_b": [E]}.
     """
+    hooks = hooks or Hooks()
     stack_kw = _stack_kwargs(cfg, fast)
     cos, sin = _rope(x.shape[1], cfg)
     logits = gate_logits(block["gate_w"], block["gate_b"], x)                     # [B, T, E]
@@ -247,7 +265,7 @@ def block_forward(backbone_layers: dict, block: dict, x: jax.Array, cfg: LlamaCo
     else:
         h_bb = scan_layers(backbone_layers, None, x, cos, sin, **stack_kw)        # [B, T, D]
         h_ex = jax.vmap(lambda layers: scan_layers(layers, None, x, cos, sin, **stack_kw))(experts)
-        y = gated_combine(logits, jnp.concatenate([h_bb[None], h_ex]))           # [B, T, D]
+        y = hooks.combine(logits, jnp.concatenate([h_bb[None], h_ex]))           # [B, T, D]
     if return_probs:
         return y, jax.nn.softmax(logits, axis=-1)
     return y
@@ -272,20 +290,23 @@ def llama_hidden(backbone: dict, tokens: jax.Array, cfg: LlamaConfig, fast: Fast
 
 
 def mode_hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, fast: FastConfig, *,
-                return_probs: bool = False):
-    """The last block's mixed output [B, T, D] (and each block's gate probabilities)."""
+                return_probs: bool = False, hooks: Hooks | None = None):
+    """The last block's mixed output [B, T, D] (and each block's gate probabilities).
+    `hooks`: what a sharded step changes (see `Hooks`)."""
+    hooks = hooks or Hooks()
     backbone, blocks = params["backbone"], params["blocks"]
     n_blocks = blocks["gate_w"].shape[0]
     n_layers = _depth(backbone["layers"])
     if n_layers % n_blocks:
         raise ValueError(f"{n_layers} backbone layers are not divisible into {n_blocks} blocks")
     per_block = n_layers // n_blocks
-    x = embed(backbone, tokens, fast.dtype)                                       # [B, T, D]
+    x = hooks.constrain(embed(backbone, tokens, fast.dtype))                      # [B, T, D]
     probs = []
     for i in range(n_blocks):
         layers = _take(backbone["layers"], slice(i * per_block, (i + 1) * per_block))
-        out = block_forward(layers, _take(blocks, i), x, cfg, fast, return_probs=return_probs)
+        out = block_forward(layers, _take(blocks, i), x, cfg, fast, return_probs=return_probs, hooks=hooks)
         x, p = out if return_probs else (out, None)
+        x = hooks.constrain(x)
         probs.append(p)
     return (x, probs) if return_probs else x
 

@@ -11,9 +11,10 @@ Async dispatch runs the meshes side by side. Per block i and step:
     backward  d_gate_i, dx, dh_bb, d_out_* = vjp_merge(dy)
               d_out_m --put--> mesh m: dp_m, dx_m = vjp_m(d_out_m)           } concurrently
               dx_bb = vjp_bb(dh_bb);  dx_m --put--> backbone mesh; dy = dx + dx_bb + sum dx_m
-    update    AdamW of the gates on the backbone mesh and of each mesh's experts on that
-              mesh, all clipped by one global gradient norm (the meshes swap their
-              squared norms, a few scalars), as `ref/optim.py` does over the whole tree.
+    update    `fast/optim.py`'s AdamW (the optimizer of every layout) of the gates on the
+              backbone mesh and of each mesh's experts on that mesh, all clipped by one
+              global gradient norm (the meshes swap their squared norms, a few scalars),
+              as one tree would be.
 
 Each `jax.vjp` runs inside the forward jit and returns its pullback (a pytree holding
 the residuals on that mesh), which the backward jit applies: no recomputation.
@@ -33,92 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from mode_jax.fast import components as C
+from mode_jax.fast import optim
 from mode_jax.fast.combine import gated_combine as platform_gated_combine
 from mode_jax.fast.config import FastConfig
 from mode_jax.fast.sharded_combine import sharded_gated_combine
+from mode_jax.fast.placement import Placement, SubMesh, even_placement  # noqa: F401  (re-exported)
 from mode_jax.fast.sharding import (activation_sharding, batch_axes, make_mesh, place,
-                                    replicated, resolve_axes, rules_for_axes, shardings_for)
-from mode_jax.fast.spmd import batch_shardings, decay_mask
+                                    replicated, rules_for_axes, shardings_for)
+from mode_jax.fast.spmd import batch_shardings
 from mode_jax.ref.config import LlamaConfig, OptimConfig
-from mode_jax.ref.optim import adamw_init, adamw_update
 
 MPMD_TRAINABLE = ("experts_and_gates", "gates")
-
-
-@dataclasses.dataclass(frozen=True)
-class SubMesh:
-    """Devices (indices into `jax.devices()`), mesh axes ((name, size), ...; () means
-    ("dp", all)) and, for an expert mesh, the expert ids it hosts (None: assigned)."""
-    devices: tuple[int, ...]
-    axes: tuple[tuple[str, int], ...] = ()
-    experts: tuple[int, ...] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Which component runs where. `allow_shared_devices` lets sub-meshes share devices
-    (only to run the MPMD code path on fewer devices than meshes, e.g. one GPU)."""
-    backbone: SubMesh
-    experts: tuple[SubMesh, ...]
-    allow_shared_devices: bool = False
-
-    def names(self) -> list[str]:
-        return ["backbone"] + [f"experts[{m}]" for m in range(len(self.experts))]
-
-    def resolve(self, n_experts: int, n_devices: int) -> "Placement":
-        """A copy with axes and expert ids filled in; ValueError naming the sub-mesh if
-        a device is missing, repeated or shared, axes do not fit, or experts are amiss."""
-        meshes = [self.backbone, *self.experts]
-        if not self.experts:
-            raise ValueError("placement: at least one expert sub-mesh is needed")
-        owner: dict[int, str] = {}
-        for name, sub in zip(self.names(), meshes):
-            if not sub.devices:
-                raise ValueError(f"placement {name!r}: no devices")
-            if len(set(sub.devices)) != len(sub.devices):
-                raise ValueError(f"placement {name!r}: a device is listed twice in {sub.devices}")
-            for d in sub.devices:
-                if not 0 <= d < n_devices:
-                    raise ValueError(f"placement {name!r}: device {d} does not exist "
-                                     f"({n_devices} devices: 0-{n_devices - 1})")
-                if d in owner and not self.allow_shared_devices:
-                    raise ValueError(f"placement: device {d} is in both {owner[d]!r} and {name!r} "
-                                     f"(sub-meshes must be disjoint)")
-                owner.setdefault(d, name)
-        given = [sub.experts for sub in self.experts]
-        if all(g is None for g in given):
-            if len(self.experts) > n_experts:
-                raise ValueError(f"placement: {len(self.experts)} expert sub-meshes for only "
-                                 f"{n_experts} experts")
-            q, r = divmod(n_experts, len(self.experts))
-            bounds = np.cumsum([0] + [q + (m < r) for m in range(len(self.experts))]).tolist()
-            given = [tuple(range(bounds[m], bounds[m + 1])) for m in range(len(self.experts))]
-        elif any(g is None for g in given):
-            raise ValueError("placement: give the experts of every expert sub-mesh, or of none")
-        flat = sorted(e for g in given for e in g)
-        if flat != list(range(n_experts)) or any(not g for g in given):
-            raise ValueError(f"placement: expert sub-meshes host experts {list(given)}; each of "
-                             f"the {n_experts} experts (0-{n_experts - 1}) must be on exactly one, "
-                             f"and each sub-mesh needs at least one")
-        axes = [resolve_axes(sub.axes or (("dp", -1),), len(sub.devices), where=f"placement {n!r}")
-                for n, sub in zip(self.names(), meshes)]
-        return Placement(SubMesh(self.backbone.devices, axes[0]),
-                         tuple(SubMesh(s.devices, a, tuple(g))
-                               for s, a, g in zip(self.experts, axes[1:], given)),
-                         self.allow_shared_devices)
-
-
-def even_placement(n_devices: int, n_expert_meshes: int, *, backbone_devices: int | None = None) -> Placement:
-    """Backbone on the first devices, the rest split evenly over the expert meshes
-    (leftovers go to the backbone). On fewer devices than meshes, meshes share devices."""
-    if n_devices < n_expert_meshes + 1:
-        return Placement(SubMesh((0,)), tuple(SubMesh(((m + 1) % n_devices,)) for m in range(n_expert_meshes)),
-                         allow_shared_devices=True)
-    bb = backbone_devices or max(1, n_devices // 2)
-    per = max(1, (n_devices - bb) // n_expert_meshes)
-    bb = n_devices - per * n_expert_meshes
-    return Placement(SubMesh(tuple(range(bb))),
-                     tuple(SubMesh(tuple(range(bb + m * per, bb + (m + 1) * per))) for m in range(n_expert_meshes)))
 
 
 @dataclasses.dataclass
@@ -168,6 +94,12 @@ class MpmdStep:
             "batch": batch_shardings(bb.mesh, bb.rules, batch_size=batch_size, seq_len=seq_len,
                                      masked=masked, where=where),
         }
+        def opt_shardings(like, shardings, mesh):
+            return optim.shardings(like, shardings, opt, replicated(mesh))
+        self.shardings["opt"] = {
+            "gates": opt_shardings(comps["gates"], self.shardings["gates"], bb.mesh),
+            "experts": [opt_shardings(e, s, m.mesh) if self.train_experts else None
+                        for e, s, m in zip(comps["experts"], self.shardings["experts"], self.meshes[1:])]}
         self.stack = [activation_sharding("stack", (len(s.experts), *shape), m.mesh, m.rules,
                                           where=f"placement {m.name!r}")
                       for s, m in zip(self.placement.experts, self.meshes[1:])]
@@ -190,13 +122,18 @@ class MpmdStep:
         state = {k: place(comps[k], self.shardings[k]) for k in ("backbone", "gates")}
         state["experts"] = [place(e, s) for e, s in zip(comps["experts"], self.shardings["experts"])]
 
-        def init(tree, shardings, mesh):
-            out = {"mu": shardings, "nu": shardings, "count": replicated(mesh)}
-            return jax.jit(adamw_init, out_shardings=out)(tree)
-        state["opt"] = {"gates": init(state["gates"], self.shardings["gates"], self.meshes[0].mesh),
-                        "experts": [init(e, s, m.mesh) if self.train_experts else None for e, s, m in
-                                    zip(state["experts"], self.shardings["experts"], self.meshes[1:])]}
+        state["opt"] = self.init_opt(state)
         return state
+
+    def init_opt(self, state) -> dict:
+        """Fresh optimizer states of the placed gates and experts ({"gates", "experts": [per
+        mesh, None when experts are frozen]}), each laid out like its params."""
+        def init(tree, shardings):
+            return jax.jit(lambda t: optim.init(t, self.opt), out_shardings=shardings)(tree)
+        opt_sh = self.shardings["opt"]
+        return {"gates": init(state["gates"], opt_sh["gates"]),
+                "experts": [init(e, s) if s is not None else None
+                            for e, s in zip(state["experts"], opt_sh["experts"])]}
 
     def place_batch(self, batch: dict) -> dict:
         return place(batch, {k: self.shardings["batch"][k] for k in batch})
@@ -256,12 +193,13 @@ class MpmdStep:
 
         opt = self.opt
 
-        def update(grads, state, params, sq_norms):
+        def update(grads, state, params, sq_norms, peak_lr):
+            # Every mesh clips by the norm of all the gradients, as one tree would be.
             norm = jnp.sqrt(sum(sq_norms))
-            return adamw_update(grads, state, params, opt, decay=decay_mask(params), grad_norm=norm)
+            return optim.apply(grads, state, params, opt, peak_lr=peak_lr, grad_norm=norm)
 
-        def make_update(shardings, mesh):   # outputs keep the placed layout: no recompiles next step
-            out = (shardings, {"mu": shardings, "nu": shardings, "count": replicated(mesh)}, replicated(mesh))
+        def make_update(shardings, opt_shardings, mesh):   # outputs keep the placed layout: no recompiles
+            out = (shardings, opt_shardings, replicated(mesh))
             return jit(update, donate_argnums=(1, 2), out_shardings=out)
 
         self._embed, self._bb_fwd, self._merge_fwd = jit(embed), jit(bb_fwd), jit(merge_fwd)
@@ -269,12 +207,14 @@ class MpmdStep:
         self._apply = jit(lambda vjp, ct: vjp(ct))
         self._ex_fwd = [make_ex_fwd(s) for s in self.stack]
         self._stack_norm = jit(stack_norm)
-        self._update = [make_update(self.shardings["gates"], bb.mesh)] + [
-            make_update(s, m.mesh) for s, m in zip(self.shardings["experts"], self.meshes[1:])]
+        opt_sh = self.shardings["opt"]
+        self._update = [make_update(self.shardings["gates"], opt_sh["gates"], bb.mesh)] + [
+            make_update(s, o, m.mesh) for s, o, m in zip(self.shardings["experts"], opt_sh["experts"], self.meshes[1:])]
 
     # ------------------------------------------------------------------ the step
-    def __call__(self, state: dict, batch: dict, *, profile: dict | None = None):
-        """One step; batch from `place_batch`. Returns (new state, metrics). With a
+    def __call__(self, state: dict, batch: dict, *, profile: dict | None = None, peak_lr=None):
+        """One step; batch from `place_batch`; `peak_lr` overrides opt.learning_rate (traced:
+        no recompile). Returns (new state, metrics). With a
         `profile` dict, every dispatch is waited for and its seconds added to
         profile[mesh name] or profile["transfer"] (serialises the meshes: for
         measuring busy time, not for speed)."""
@@ -315,9 +255,10 @@ class MpmdStep:
             for m, r in enumerate(ex):
                 if self.train_experts:
                     g_experts[m].insert(0, {"experts": r[0]})
-        return self._optimizer_step(state, g_gates, g_experts, metrics, run, put)
+        peak_lr = self.opt.learning_rate if peak_lr is None else peak_lr
+        return self._optimizer_step(state, g_gates, g_experts, metrics, run, put, peak_lr)
 
-    def _optimizer_step(self, state, g_gates, g_experts, metrics, run, put):
+    def _optimizer_step(self, state, g_gates, g_experts, metrics, run, put, peak_lr):
         bb, ex_meshes = self.meshes[0], self.meshes[1:]
         grads = [run(bb.name, self._stack_norm, g_gates)]
         if self.train_experts:
@@ -326,9 +267,9 @@ class MpmdStep:
         sq = [[put(sq, replicated(t.mesh)) for _, sq in grads] for t in targets]
         new = {"backbone": state["backbone"], "experts": state["experts"], "opt": dict(state["opt"])}
         new["gates"], new["opt"]["gates"], stats = run(
-            bb.name, self._update[0], grads[0][0], state["opt"]["gates"], state["gates"], sq[0])
+            bb.name, self._update[0], grads[0][0], state["opt"]["gates"], state["gates"], sq[0], peak_lr)
         if self.train_experts:
-            updated = [run(m.name, u, g[0], o, e, s) for m, u, g, o, e, s in
+            updated = [run(m.name, u, g[0], o, e, s, peak_lr) for m, u, g, o, e, s in
                        zip(ex_meshes, self._update[1:], grads[1:], state["opt"]["experts"],
                            state["experts"], sq[1:])]
             new["experts"] = [u[0] for u in updated]

@@ -1,15 +1,16 @@
 """One training step of a MoDE model sharded over one mesh of all devices (paper
 section 3.3 and 4.4, "SPMD": every backbone and expert weight sharded over it).
 
-The step is `ref/train.py`'s (masked next-token loss, gradients of the trainable
-part only, `ref/optim.py`'s AdamW) over the stacked tree of `fast/params.py`,
-computed by `fast/components.py` (ref/'s float32 layers, or fast/model.py's with a
-`FastConfig`). Where each array lives is data: the rules
-table of `fast/sharding.py` gives `in_shardings`/`out_shardings` for the
-trainable and frozen params, the optimizer moments (sharded like their params)
-and the batch (split over the mesh's batch axes). Block inputs are pinned to
-the batch sharding, and the merge runs per batch shard under `shard_map`
-(`fast/sharded_combine.py`), since the Pallas kernel cannot be partitioned by XLA.
+The step is `fast/train.py`'s `step` (the one every single-mesh backend runs: masked
+next-token loss, gradients of the trainable part only, `fast/optim.py`'s AdamW) over
+`fast/model.py`'s MoDE forward, with the fused merge by default. Where each array lives
+is data: the rules table of `fast/sharding.py` gives `in_shardings`/`out_shardings` for
+the trainable and frozen params, the optimizer state (moments sharded like their
+params) and the batch (split over the mesh's batch axes). The forward's `Hooks` pin
+each block's input and output to the batch sharding and, with
+`FastConfig(merge="stacked")`, run the Pallas combine per batch shard under `shard_map`
+(`fast/sharded_combine.py`), since XLA cannot partition a kernel. The optimizer state
+has the single-device structure, so a checkpoint moves between meshes and one device.
 
     step = SpmdStep.build(params, cfg, opt, mesh=make_mesh((("fsdp", 4), ("tp", 2))),
                           batch_size=B, seq_len=T, fast=FastConfig())
@@ -20,28 +21,21 @@ the batch sharding, and the merge runs per batch shard under `shard_map`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
 
+from mode_jax.fast import optim
 from mode_jax.fast.combine import gated_combine as platform_gated_combine
-from mode_jax.fast.components import Numerics, mode_metrics
 from mode_jax.fast.config import FastConfig
-from mode_jax.fast.params import merge, partition
+from mode_jax.fast.model import Hooks
+from mode_jax.fast.params import partition
 from mode_jax.fast.sharded_combine import sharded_gated_combine
-from mode_jax.fast.sharding import (activation_sharding, batch_axes, logical_axes, place,
-                                    replicated, rules_for_axes, shardings_for)
+from mode_jax.fast.sharding import (activation_sharding, batch_axes, place, replicated,
+                                    rules_for_axes, shardings_for)
+from mode_jax.fast.train import batch_metrics, step as train_step
 from mode_jax.ref.config import LlamaConfig, OptimConfig
-from mode_jax.ref.optim import adamw_init, adamw_update
-
-STACK_AXES = ("layers", "blocks", "experts")
-
-
-def decay_mask(params):
-    """True where `ref/optim.py` would decay the unstacked array: matrices only, so the
-    stacking axes (layers, blocks, experts) do not count towards ndim >= 2."""
-    return jax.tree.map(lambda axes: sum(a not in STACK_AXES for a in axes) >= 2,
-                        logical_axes(params), is_leaf=lambda x: isinstance(x, tuple))
 
 
 def batch_shardings(mesh, rules, *, batch_size: int, seq_len: int, masked: bool = False,
@@ -53,25 +47,37 @@ def batch_shardings(mesh, rules, *, batch_size: int, seq_len: int, masked: bool 
     return out
 
 
+def mesh_hooks(mesh, rules, *, batch_size: int, seq_len: int, d_model: int, combine=platform_gated_combine,
+               where: str = "mesh") -> Hooks:
+    """The MoDE forward's hooks on `mesh`: block activations pinned to the batch sharding,
+    the stacked merge run per batch shard (`combine`: the per-shard merge)."""
+    hidden = activation_sharding("hidden", (batch_size, seq_len, d_model), mesh, rules, where=where)
+    token_axes = batch_axes(mesh, rules)
+    return Hooks(constrain=lambda x: jax.lax.with_sharding_constraint(x, hidden),
+                 combine=functools.partial(sharded_gated_combine, mesh=mesh, token_axes=token_axes,
+                                           combine=combine))
+
+
 @dataclasses.dataclass
 class SpmdStep:
-    """A jitted, sharded `ref.train.train_step` for the stacked MoDE tree on one mesh."""
+    """A jitted, sharded train step for the stacked MoDE tree on one mesh."""
 
     mesh: jax.sharding.Mesh
     rules: dict
     trainable: str
+    opt: OptimConfig
     shardings: dict                 # {"trainable", "frozen", "opt", "batch"}: trees of NamedSharding
     step_fn: Callable
 
     @classmethod
     def build(cls, params, cfg: LlamaConfig, opt: OptimConfig, *, mesh, rules: dict | None = None,
               trainable: str = "experts_and_gates", batch_size: int, seq_len: int,
-              masked: bool = False, fast: FastConfig | None = None, combine=platform_gated_combine,
+              masked: bool = False, fast: FastConfig = FastConfig(), combine=platform_gated_combine,
               compiler_options: dict | None = None) -> "SpmdStep":
         """params: the stacked tree (arrays or ShapeDtypeStructs), only read for shapes.
-        fast: None for ref/'s float32 layer math, a FastConfig for fast/model.py's
-        (`components.Numerics`). Raises ValueError (before compiling) if a rule's mesh
-        axes do not divide a dim. compiler_options go to `jax.jit` (tests: faster compiles)."""
+        fast: how fast/model.py computes (FastConfig.exact() for float32). Raises ValueError
+        (before compiling) if a rule's mesh axes do not divide a dim. compiler_options go
+        to `jax.jit` (tests: faster compiles)."""
         rules = rules_for_axes(mesh.axis_names) if rules is None else rules
         where = f"SPMD mesh {dict(mesh.shape)}"
         train_like, frozen_like = partition(params, trainable)
@@ -79,53 +85,37 @@ class SpmdStep:
         shardings = {
             "trainable": t_sh,
             "frozen": shardings_for(frozen_like, mesh, rules, where=where),
-            "opt": {"mu": t_sh, "nu": t_sh, "count": replicated(mesh)},
+            "opt": optim.shardings(train_like, t_sh, opt, replicated(mesh)),
             "batch": batch_shardings(mesh, rules, batch_size=batch_size, seq_len=seq_len,
                                      masked=masked, where=where),
         }
-        hidden = activation_sharding("hidden", (batch_size, seq_len, cfg.d_model), mesh, rules,
-                                     where=where)
-        token_axes = batch_axes(mesh, rules)
-        decay = decay_mask(train_like)
-        num = Numerics(cfg, fast)
-
-        def merge_fn(logits, outputs):
-            return sharded_gated_combine(logits, outputs, mesh=mesh, token_axes=token_axes,
-                                         combine=combine)
-
-        def constrain(x):
-            return jax.lax.with_sharding_constraint(x, hidden)
-
-        def step(train, frozen, opt_state, batch):
-            def loss_fn(t):
-                metrics = mode_metrics(merge(t, frozen), batch, num, combine=merge_fn,
-                                       constrain=constrain)
-                return metrics["loss"], metrics
-
-            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train)
-            train, opt_state, stats = adamw_update(grads, opt_state, train, opt, decay=decay)
-            return train, opt_state, {**metrics, **stats}
-
-        out_metrics = replicated(mesh)
-        step_fn = jax.jit(step,
-                          in_shardings=(t_sh, shardings["frozen"], shardings["opt"], shardings["batch"]),
-                          out_shardings=(t_sh, shardings["opt"], out_metrics),
+        hooks = mesh_hooks(mesh, rules, batch_size=batch_size, seq_len=seq_len, d_model=cfg.d_model,
+                           combine=combine, where=where)
+        metrics_fn = functools.partial(batch_metrics, cfg=cfg, fast=fast, hooks=hooks)
+        step_fn = jax.jit(functools.partial(train_step, metrics_fn, opt=opt),
+                          in_shardings=(t_sh, shardings["frozen"], shardings["opt"], shardings["batch"],
+                                        replicated(mesh)),
+                          out_shardings=(t_sh, shardings["opt"], replicated(mesh)),
                           donate_argnums=(0, 2), compiler_options=compiler_options)
-        return cls(mesh=mesh, rules=rules, trainable=trainable, shardings=shardings, step_fn=step_fn)
+        return cls(mesh=mesh, rules=rules, trainable=trainable, opt=opt, shardings=shardings, step_fn=step_fn)
+
+    def init_opt(self, trainable):
+        """The optimizer state of (placed) `trainable`, laid out like it."""
+        return jax.jit(functools.partial(optim.init, opt=self.opt), out_shardings=self.shardings["opt"])(trainable)
 
     def place(self, params) -> tuple[dict, dict, dict]:
         """(trainable, frozen, opt_state) of `params`, laid out on the mesh."""
         train, frozen = partition(params, self.trainable)
         train = place(train, self.shardings["trainable"])
-        opt_state = jax.jit(adamw_init, out_shardings=self.shardings["opt"])(train)
-        return train, place(frozen, self.shardings["frozen"]), opt_state
+        return train, place(frozen, self.shardings["frozen"]), self.init_opt(train)
 
     def place_batch(self, batch: dict) -> dict:
         return place(batch, {k: self.shardings["batch"][k] for k in batch})
 
-    def __call__(self, trainable, frozen, opt_state, batch):
+    def __call__(self, trainable, frozen, opt_state, batch, peak_lr=None):
         """One step. Donates `trainable` and `opt_state`. Returns (trainable, opt_state, metrics)."""
-        return self.step_fn(trainable, frozen, opt_state, batch)
+        peak_lr = self.opt.learning_rate if peak_lr is None else peak_lr
+        return self.step_fn(trainable, frozen, opt_state, batch, peak_lr)
 
 
 def gather(tree, device=None):

@@ -1,9 +1,11 @@
-"""One optimizer step and one evaluation, on the stacked layout (as `ref/train.py`).
+"""The train step and the eval step on the stacked layout (the semantics of `ref/train.py`).
 
-The optimizer is optax: global-norm clipping, then AdamW with `ref.optim`'s
-learning-rate schedule, decoupled weight decay on matrices only (a leaf's
-*per-layer* rank >= 2: stacked norms [L, D] are vectors), float32 moments. It is
-tested equal to `ref.optim.adamw_update`.
+`step(metrics_fn, ...)` is the one train step of every single-mesh backend (one device,
+the "ref" backend, SPMD): the gradient of `metrics_fn(params, batch)["loss"]` with
+respect to the trainable part only, then `fast/optim.py`'s AdamW. The backends differ
+only in `metrics_fn` (which forward runs: `batch_metrics` here, or ref/'s) and in where
+the arrays live (`fast/steps.py` jits the step with the shardings). MPMD
+(`fast/mpmd.py`) computes its gradients per sub-mesh and calls the same optimizer.
 
 Only the trainable part of the params is differentiated (`jax.value_and_grad` of
 the trainable subtree, the frozen one closed over), so JAX builds no cotangent for
@@ -17,78 +19,110 @@ the bytes. `train_step` donates the trainable params and the optimizer state.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from mode_jax.fast import loss as fast_loss
 from mode_jax.fast import model
+from mode_jax.fast import optim
 from mode_jax.fast.config import FastConfig
-from mode_jax.fast.params import per_layer_ndim
+from mode_jax.fast.optim import decay_mask, make_optimizer  # noqa: F401  (re-exported)
 from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
 from mode_jax.ref.methods import merge
-from mode_jax.ref.optim import global_norm, learning_rate
-
-
-def decay_mask(params):
-    """True for the leaves AdamW decays: matrices, by their per-layer rank (as ref/optim.py)."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: per_layer_ndim(p, x) >= 2, params)
-
-
-def make_optimizer(opt: OptimConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm(clip_norm) (unless 0), then AdamW with ref's schedule."""
-    adamw = optax.adamw(functools.partial(learning_rate, opt=opt), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                        weight_decay=opt.weight_decay, mask=decay_mask)
-    if opt.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw)
-    return adamw
 
 
 def init_opt_state(trainable, opt: OptimConfig):
-    return make_optimizer(opt).init(trainable)
+    return optim.init(trainable, opt)
 
 
-def _step_count(opt_state) -> jax.Array:
-    """Steps taken so far, read off the schedule's counter."""
-    states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
-              if isinstance(s, optax.ScaleByScheduleState)]
-    return states[0].count
+GATE_KEYS = ("gate_w", "gate_b")
+
+
+def to_compute(tree, dtype):
+    """Floating leaves in `dtype`, except the gates (float32 by design, eq. 2)."""
+    def cast(path, x):
+        keep = getattr(path[-1], "key", None) in GATE_KEYS or not jnp.issubdtype(x.dtype, jnp.floating)
+        return x if keep else x.astype(dtype)
+    return jax.tree_util.tree_map_with_path(cast, tree)
 
 
 def cast_frozen(frozen, fast: FastConfig):
-    """Floating frozen leaves in the compute dtype (they never update, so no master copy is needed)."""
-    return jax.tree.map(lambda x: x.astype(fast.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+    """Frozen leaves in the compute dtype (they never update, so no master copy is needed)."""
+    return to_compute(frozen, fast.dtype)
+
+
+def token_stats(hn: jax.Array, w: jax.Array, targets: jax.Array, *, chunk: int):
+    """Per position (argmax == target [B, T], cross-entropy [B, T] float32) of logits
+    hn @ w.T, one chunk of logits at a time, with fast/loss.py's chunking and
+    compute-dtype argmax, so the counts add up to its accuracy."""
+    hc, tc, _, n = fast_loss._chunks(hn, targets, jnp.ones(targets.shape, jnp.float32), chunk)
+    wc = w.astype(hn.dtype)
+
+    def body(_, xs):
+        h_c, t_c = xs
+        logits = fast_loss._chunk_logits(h_c, wc)                                  # [C, V]
+        l32 = logits.astype(jnp.float32)
+        nll = jax.nn.logsumexp(l32, axis=-1) - jnp.take_along_axis(l32, t_c[:, None], axis=-1)[:, 0]
+        return None, (jnp.argmax(logits, axis=-1) == t_c, nll)
+
+    _, (correct, nll) = jax.lax.scan(body, None, (hc, tc))
+    return correct.reshape(-1)[:n].reshape(targets.shape), nll.reshape(-1)[:n].reshape(targets.shape)
+
+
+def routing(probs: list[jax.Array]) -> jax.Array:
+    """Each block's gate probabilities [B, T, E] -> their means [n_blocks, E] (what the gate learned)."""
+    return jnp.stack([p.mean(axis=(0, 1)) for p in probs])
 
 
 def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, fast: FastConfig,
-                  lora: LoraConfig | None = None) -> dict:
-    """{"loss", "accuracy", "tokens"} of a batch {"tokens": [B, T + 1], "mask": [B, T] optional}."""
+                  lora: LoraConfig | None = None, *, with_routing: bool = False, with_tokens: bool = False,
+                  hooks=None) -> dict:
+    """{"loss", "accuracy", "tokens"} of a batch {"tokens": [B, T + 1], "mask": [B, T] optional},
+    plus "routing" ([n_blocks, E] for MoDE, else None) if `with_routing` and "token_correct",
+    "token_nll" ([B, T], `token_stats`) if `with_tokens`. `hooks`: the sharded steps'
+    `model.Hooks` (MoDE only)."""
     tokens = batch["tokens"]
     backbone = params["backbone"]
-    h = model.hidden(params, tokens[:, :-1], cfg, fast, lora)                      # [B, T, D]
+    probs = None
+    if "blocks" in params and "lora" not in params:
+        out = model.mode_hidden(params, tokens[:, :-1], cfg, fast, return_probs=with_routing, hooks=hooks)
+        h, probs = out if with_routing else (out, None)                           # [B, T, D]
+    else:
+        h = model.hidden(params, tokens[:, :-1], cfg, fast, lora)                 # [B, T, D]
     hn = model.final_norm(backbone, h, cfg)
-    return fast_loss.next_token_metrics(hn, model.head_weight(backbone, cfg), tokens[:, 1:],
-                                        batch.get("mask"), chunk=fast.loss_chunk)
+    w = model.head_weight(backbone, cfg)
+    out = fast_loss.next_token_metrics(hn, w, tokens[:, 1:], batch.get("mask"), chunk=fast.loss_chunk)
+    if with_routing:
+        out["routing"] = None if probs is None else routing(probs)
+    if with_tokens:
+        out["token_correct"], out["token_nll"] = token_stats(hn, w, tokens[:, 1:], chunk=fast.loss_chunk)
+    return out
 
 
-def _train_step(trainable, frozen, opt_state, batch, *, cfg, opt, lora=None, fast=FastConfig()):
+def step(metrics_fn: Callable, trainable, frozen, opt_state, batch, peak_lr=None, *, opt: OptimConfig):
+    """One AdamW step on the trainable part: (trainable, opt_state, metrics) with metrics
+    {"loss", "accuracy", "tokens", "lr", "grad_norm"} (as ref.train.train_step's).
+    metrics_fn(params, batch) -> {"loss", ...}; `peak_lr` (traced) overrides opt.learning_rate."""
     def loss_fn(t):
-        metrics = batch_metrics(merge(t, frozen), batch, cfg, fast, lora)
+        metrics = metrics_fn(merge(t, frozen), batch)
         return metrics["loss"], metrics
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    lr = learning_rate(_step_count(opt_state), opt)
-    updates, opt_state = make_optimizer(opt).update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    return trainable, opt_state, {**metrics, "lr": lr, "grad_norm": global_norm(grads)}
+    trainable, opt_state, stats = optim.apply(grads, opt_state, trainable, opt, peak_lr=peak_lr)
+    return trainable, opt_state, {**metrics, **stats}
+
+
+def _train_step(trainable, frozen, opt_state, batch, peak_lr=None, *, cfg, opt, lora=None, fast=FastConfig()):
+    metrics_fn = functools.partial(batch_metrics, cfg=cfg, fast=fast, lora=lora)
+    return step(metrics_fn, trainable, frozen, opt_state, batch, peak_lr, opt=opt)
 
 
 _STATIC = ("cfg", "opt", "lora", "fast")
 train_step = jax.jit(_train_step, static_argnames=_STATIC, donate_argnums=(0, 2))
-train_step.__doc__ = """One AdamW step on the trainable part; the trainable params and optimizer
-state are donated. Returns (trainable, opt_state, metrics) with metrics as ref.train.train_step's
-({"loss", "accuracy", "tokens", "lr", "grad_norm"})."""
+train_step.__doc__ = """One AdamW step of fast/model.py's forward on the trainable part; the
+trainable params and optimizer state are donated. Returns (trainable, opt_state, metrics)."""
 # The same step without donation, for callers that reuse their inputs (tests, comparisons).
 train_step_keep = jax.jit(_train_step, static_argnames=_STATIC)
 

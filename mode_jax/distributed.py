@@ -33,7 +33,7 @@ import re
 
 import jax
 
-from mode_jax.fast.mpmd import Placement, SubMesh
+from mode_jax.fast.placement import Placement, SubMesh
 from mode_jax.fast.sharding import PRESETS, make_mesh, rules_for_axes
 
 _initialized = False

@@ -15,8 +15,18 @@ import jax
 import jax.numpy as jnp
 
 from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
+from mode_jax.ref.llama import lm_head
 from mode_jax.ref.methods import apply, merge
+from mode_jax.ref.mode import mode_hidden
 from mode_jax.ref.optim import adamw_update
+
+
+def token_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per position: (argmax == target [B, T] bool, cross-entropy [B, T] float32)."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)                                          # [B, T]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]   # [B, T]
+    return jnp.argmax(logits, axis=-1) == targets, logz - target_logit
 
 
 def next_token_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> dict:
@@ -25,24 +35,38 @@ def next_token_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array | 
     logits [B, T, V], targets int [B, T], mask [B, T] (None = all count).
     Returns {"loss", "accuracy", "tokens"} (tokens = number of counted positions).
     """
-    logits = logits.astype(jnp.float32)
     if mask is None:
         mask = jnp.ones(targets.shape, jnp.float32)
     mask = mask.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)                                          # [B, T]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]   # [B, T]
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct, nll = token_stats(logits, targets)
+    correct = correct.astype(jnp.float32)
     count = jnp.sum(mask)
     denom = jnp.maximum(count, 1.0)
-    return {"loss": jnp.sum((logz - target_logit) * mask) / denom,
+    return {"loss": jnp.sum(nll * mask) / denom,
             "accuracy": jnp.sum(correct * mask) / denom,
             "tokens": count}
 
 
-def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, lora: LoraConfig | None = None) -> dict:
+def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, lora: LoraConfig | None = None, *,
+                  with_routing: bool = False, with_tokens: bool = False) -> dict:
+    """next_token_metrics of the model on `batch`; with_routing adds "routing" (each MoDE
+    block's mean gate probabilities [n_blocks, E], None for other models), with_tokens
+    "token_correct" and "token_nll" ([B, T] each, `token_stats`)."""
     tokens = batch["tokens"]
-    logits = apply(params, tokens[:, :-1], cfg, lora)
-    return next_token_metrics(logits, tokens[:, 1:], batch.get("mask"))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    routing = None
+    if with_routing and "blocks" in params and "lora" not in params:
+        h, probs = mode_hidden(params, inputs, cfg, return_probs=True)            # probs: [B, T, E] per block
+        logits = lm_head(params["backbone"], h, cfg)
+        routing = jnp.stack([p.mean(axis=(0, 1)) for p in probs])               # [n_blocks, E]
+    else:
+        logits = apply(params, inputs, cfg, lora)
+    out = next_token_metrics(logits, targets, batch.get("mask"))
+    if with_routing:
+        out["routing"] = routing
+    if with_tokens:
+        out["token_correct"], out["token_nll"] = token_stats(logits, targets)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt", "lora"))

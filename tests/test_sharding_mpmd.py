@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from mode_jax import distributed
-from mode_jax.fast.mpmd import MpmdStep, Placement, SubMesh, even_placement
+from mode_jax.fast.mpmd import MpmdStep
+from mode_jax.fast.optim import adam_state
+from mode_jax.fast.placement import Placement, SubMesh, even_placement
 from mode_jax.fast.params import to_fast
 from tests.test_sharding_spmd import (BATCH, CFG, EXACT, FAST_COMPILE, OPT, SEQ,
                                       assert_matches_reference, make_params, reference_run)
@@ -54,10 +56,11 @@ def test_mpmd_placement_matches_reference(name):
     assert {d.id for d in state["gates"]["gate_w"].sharding.device_set} == devices[0]
     for m, experts in enumerate(state["experts"]):
         assert {d.id for d in experts["experts"]["wq"].sharding.device_set} == devices[m + 1]
-    mu = {"blocks": {"experts": _gather_experts(step, [o["mu"] for o in state["opt"]["experts"]]),
-                     **jax.tree.map(np.asarray, state["opt"]["gates"]["mu"])}}
-    nu = {"blocks": {"experts": _gather_experts(step, [o["nu"] for o in state["opt"]["experts"]]),
-                     **jax.tree.map(np.asarray, state["opt"]["gates"]["nu"])}}
+    adam = {"gates": adam_state(state["opt"]["gates"]), "experts": [adam_state(o) for o in state["opt"]["experts"]]}
+    mu = {"blocks": {"experts": _gather_experts(step, [a.mu for a in adam["experts"]]),
+                     **jax.tree.map(np.asarray, adam["gates"].mu)}}
+    nu = {"blocks": {"experts": _gather_experts(step, [a.nu for a in adam["experts"]]),
+                     **jax.tree.map(np.asarray, adam["gates"].nu)}}
     assert_matches_reference(metrics, step.gather(state), {**mu, "backbone": None}, {**nu, "backbone": None})
 
 
@@ -68,8 +71,9 @@ def _gather_experts(step, trees):
 def test_mpmd_frozen_experts_trains_gates_only():
     step, state, metrics = _run(Placement(SubMesh((0, 1, 2, 3)), (SubMesh((4, 5, 6, 7)),)), trainable="gates")
     assert state["opt"]["experts"] == [None]
-    gates_mu = {"blocks": {"experts": None, **jax.tree.map(np.asarray, state["opt"]["gates"]["mu"])}}
-    gates_nu = {"blocks": {"experts": None, **jax.tree.map(np.asarray, state["opt"]["gates"]["nu"])}}
+    gates = adam_state(state["opt"]["gates"])
+    gates_mu = {"blocks": {"experts": None, **jax.tree.map(np.asarray, gates.mu)}}
+    gates_nu = {"blocks": {"experts": None, **jax.tree.map(np.asarray, gates.nu)}}
     assert_matches_reference(metrics, step.gather(state), {**gates_mu, "backbone": None},
                              {**gates_nu, "backbone": None}, trainable="gates")
 

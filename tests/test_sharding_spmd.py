@@ -1,6 +1,7 @@
 """SPMD (paper section 3.3): a MoDE training step sharded over one mesh of the 8 forced
 CPU devices, per preset rules table, against `ref.train.train_step` run unsharded.
-Each preset runs the layers either as ref/ does or as fast/model.py does (float32).
+Each preset runs fast/model.py's MoDE forward (float32) with the fused merge or the
+stacked one (the Pallas combine per batch shard under shard_map).
 
 Two steps of each: the loss and accuracy of both, the global gradient norm, the
 optimizer moments (after two steps mu = 0.1 * 0.9 * g1 + 0.1 * g2: the gradients,
@@ -35,7 +36,8 @@ from mode_jax.fast.params import merge as fast_merge
 from mode_jax.fast.params import to_fast, to_ref
 from mode_jax.fast.sharding import (PRESET_RULES, PRESETS, logical_axes, make_mesh,
                                     shardings_for)
-from mode_jax.fast.spmd import SpmdStep, decay_mask, gather
+from mode_jax.fast.optim import adam_state, decay_mask
+from mode_jax.fast.spmd import SpmdStep, gather
 from mode_jax.ref.config import LlamaConfig, ModeConfig, OptimConfig
 from mode_jax.ref.llama import layer_shapes
 from mode_jax.ref.methods import merge as ref_merge
@@ -51,8 +53,10 @@ OPT = OptimConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10, weight_dec
 BATCH, SEQ, STEPS = 8, 16, 2
 MOMENT_SCALE = 10.0   # see the module docstring
 # fast/model.py's layers and fast/loss.py's chunked loss in float32; 128 tokens in
-# chunks of 48 (the last one padded).
+# chunks of 48 (the last one padded). The merge fused with the down-projections (the
+# default), or stacked and run per batch shard under shard_map (sharded_combine.py).
 EXACT = FastConfig.exact(attention="xla", loss_chunk=48)
+STACKED = FastConfig.exact(attention="xla", loss_chunk=48, merge="stacked")
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
@@ -139,9 +143,9 @@ def test_every_param_has_logical_axes_and_preset_tables_are_data():
     assert decay["blocks"]["experts"]["wq"] and not decay["blocks"]["experts"]["attn_norm"]
 
 
-@pytest.mark.parametrize("preset, fast", [("dp", None), ("fsdp", EXACT), ("tp", None),
+@pytest.mark.parametrize("preset, fast", [("dp", STACKED), ("fsdp", EXACT), ("tp", STACKED),
                                           ("fsdp_tp", EXACT), ("dp_ep", EXACT)],
-                         ids=["dp-ref", "fsdp-fast", "tp-ref", "fsdp_tp-fast", "dp_ep-fast"])
+                         ids=["dp-stacked", "fsdp-fused", "tp-stacked", "fsdp_tp-fused", "dp_ep-fused"])
 def test_spmd_preset_matches_reference(preset, fast):
     params, batches, *_ = reference_run()
     stacked = to_fast(params)
@@ -156,7 +160,8 @@ def test_spmd_preset_matches_reference(preset, fast):
         metrics.append(jax.device_get(m))
     assert train["blocks"]["experts"]["wq"].sharding.mesh == mesh
     final = gather(fast_merge(train, frozen))
-    assert_matches_reference(metrics, final, gather(opt_state["mu"]), gather(opt_state["nu"]))
+    adam = adam_state(opt_state)
+    assert_matches_reference(metrics, final, gather(adam.mu), gather(adam.nu))
 
 
 def test_misconfigured_mesh_fails_before_compiling():

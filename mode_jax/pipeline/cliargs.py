@@ -8,10 +8,10 @@ so one mechanism resolves them all.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 
+from mode_jax import distributed
 from mode_jax.pipeline import presets
 
 CONFIG_HELP = """configuration: --preset NAME (configs/NAME.toml: smoke, cpu, gpu) or --config FILE,
@@ -49,18 +49,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     # Testing kill-and-resume: sleep after each training step so a test can kill mid-run.
     g.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
-    _add_mesh_args(p)
-
-
-def _add_mesh_args(p: argparse.ArgumentParser) -> None:
-    """--mesh / --placement from mode_jax.distributed, when that module exists
-    (see `parallelism`)."""
-    try:
-        distributed = importlib.import_module("mode_jax.distributed")
-    except ImportError:
-        return
-    if hasattr(distributed, "add_mesh_args"):
-        distributed.add_mesh_args(p)
+    distributed.add_mesh_args(p)      # --mesh / --placement (see `parallelism`)
 
 
 def parallelism(args):
@@ -70,7 +59,6 @@ def parallelism(args):
     asked = [getattr(args, k, None) for k in ("mesh", "placement", "coordinator")]
     if not any(asked):
         return None
-    from mode_jax import distributed
     from mode_jax.errors import UserError
     try:
         return distributed.mesh_from_args(args)

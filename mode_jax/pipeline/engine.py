@@ -1,9 +1,8 @@
 """The training and evaluation loops every command shares.
 
-`make_steps(method, cfg, ...)` is the one place that picks how a step runs: the
-accelerated path (`mode_jax.fast.train`) when it is importable and offers the
-interface below, otherwise the reference (`mode_jax.ref.train`). Both compute the
-same function; the loops here do not care which they got.
+The steps themselves come from `mode_jax.fast.steps.make_steps` (re-exported here with
+its `Steps` interface), the one place that picks a backend ("ref", "fast", "spmd",
+"mpmd"); the loops here do not care which they got.
 
 `train_loop` runs steps with a progress bar (tokens/s and loss), logs metrics to
 the run directory, checkpoints every N steps and, on --resume, continues from the
@@ -15,7 +14,6 @@ mean routing weights per block (what the gate learned; paper eq. 2).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 import time
 from typing import Any, Callable
@@ -24,170 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mode_jax.fast.steps import Steps, make_steps  # noqa: F401  (re-exported: the loops' interface)
 from mode_jax.pipeline import checkpoint, finite
 from mode_jax.pipeline.runs import RunDir
-from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
-from mode_jax.ref.llama import lm_head
-from mode_jax.ref.methods import METHODS, apply, merge, partition
-from mode_jax.ref.mode import mode_hidden
-from mode_jax.ref.optim import adamw_init, adamw_update
-from mode_jax.ref.train import batch_metrics, next_token_metrics
-from mode_jax.ref.train import train_step as ref_train_step
-
-GATE_KEYS = ("gate_w", "gate_b")
-
-
-@dataclasses.dataclass(frozen=True)
-class Steps:
-    init_opt: Callable          # trainable -> optimizer state
-    train_step: Callable        # (trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)
-    eval_step: Callable         # (params, tokens [B, T+1]) -> {"loss", "accuracy", "routing" | None}
-    prepare_frozen: Callable    # frozen params -> frozen params as the step wants them (dtype)
-    backend: str                # "ref", "fast", "spmd" or "mpmd"
-    to_backend: Callable        # reference-layout params -> the layout the steps take
-    from_backend: Callable      # and back (exact: arrays are only stacked / unstacked)
-    # Sharded steps (mode_jax/pipeline/sharded.py) lay their state out on device meshes:
-    # split (params in the backend layout, trainable partition name) -> (trainable, frozen);
-    # join (trainable, frozen) -> params in the backend layout; place (trainable, opt_state)
-    # -> the same laid out (after init or a checkpoint restore). Defaults: one device.
-    split: Callable = lambda params, trainable: partition(params, trainable)
-    join: Callable = lambda trainable, frozen: merge(trainable, frozen)
-    place: Callable = lambda trainable, opt_state: (trainable, opt_state)
-
-
-def to_compute(tree, dtype):
-    """Cast every leaf to the compute dtype, except the gates (float32 by design, eq. 2)."""
-    if dtype == jnp.float32:
-        return tree
-
-    def cast(path, x):
-        last = getattr(path[-1], "key", None)
-        return x if last in GATE_KEYS else x.astype(dtype)
-    return jax.tree_util.tree_map_with_path(cast, tree)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "opt", "lora", "compute_dtype"))
-def _mixed_train_step(trainable, frozen, opt_state, batch, *, cfg, opt, lora, compute_dtype):
-    """ref.train.train_step with the forward in `compute_dtype` (float32 master weights and gates)."""
-    def loss_fn(t):
-        metrics = batch_metrics(merge(to_compute(t, compute_dtype), frozen), batch, cfg, lora)
-        return metrics["loss"], metrics
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    trainable, opt_state, stats = adamw_update(grads, opt_state, trainable, opt)
-    return trainable, opt_state, {**metrics, **stats}
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "lora"))
-def _ref_eval_step(params, tokens, *, cfg, lora):
-    """Mean loss and accuracy of one batch, and for MoDE the mean gate weights [n_blocks, E]."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    routing = None
-    if "blocks" in params:
-        h, probs = mode_hidden(params, inputs, cfg, return_probs=True)     # probs: [B, T, E] per block
-        logits = lm_head(params["backbone"], h, cfg)
-        routing = jnp.stack([p.mean(axis=(0, 1)) for p in probs])         # [n_blocks, E]
-    else:
-        logits = apply(params, inputs, cfg, lora)
-    m = next_token_metrics(logits, targets)
-    # Per token, for per-row / per-document results (intervals, paired comparisons).
-    logits32 = logits.astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits32, axis=-1) - jnp.take_along_axis(logits32, targets[..., None], axis=-1)[..., 0]
-    return {"loss": m["loss"], "accuracy": m["accuracy"], "routing": routing,
-            "token_correct": jnp.argmax(logits32, axis=-1) == targets, "token_nll": nll}       # [B, T] each
-
-
-def fast_available() -> bool:
-    """Whether the accelerated path (mode_jax.fast: train step, stacked params) is importable."""
-    try:
-        from mode_jax.fast import model, params, train  # noqa: F401
-    except ImportError:
-        return False
-    return all(hasattr(train, n) for n in ("train_step", "init_opt_state", "cast_frozen", "eval_step"))
-
-
-def _identity(x):
-    return x
-
-
-def make_steps(method: str, cfg: LlamaConfig, *, opt: OptimConfig, lora: LoraConfig | None = None,
-               compute_dtype: str = "float32", backend: str = "auto", expert_layers: int | None = None,
-               layer_loop: str = "auto") -> Steps:
-    """Train/eval steps for `method` ("stage1", "stage2", ..., "full", "lora").
-
-    backend "auto": the fast path when importable, else the reference; "ref" / "fast": that one.
-    Callers hold params in the reference layout; `Steps.to_backend` / `from_backend` convert."""
-    if backend == "fast" or (backend == "auto" and fast_available()):
-        return _fast_steps(cfg, opt=opt, lora=lora, compute_dtype=compute_dtype, expert_layers=expert_layers,
-                           layer_loop=layer_loop)
-    dtype = jnp.dtype(compute_dtype)
-    if dtype == jnp.float32:
-        train = functools.partial(ref_train_step, cfg=cfg, opt=opt, lora=lora)
-    else:
-        train = functools.partial(_mixed_train_step, cfg=cfg, opt=opt, lora=lora, compute_dtype=dtype)
-    evaluate_fn = functools.partial(_ref_eval_step, cfg=cfg, lora=lora)
-    return Steps(init_opt=adamw_init, train_step=train,
-                 eval_step=lambda params, tokens: evaluate_fn(to_compute(params, dtype), tokens),
-                 prepare_frozen=lambda frozen: to_compute(frozen, dtype), backend="ref",
-                 to_backend=_identity, from_backend=_identity)
-
-
-def _fast_steps(cfg, *, opt, lora, compute_dtype, expert_layers, layer_loop="auto") -> Steps:
-    from mode_jax.fast import params as fast_params
-    from mode_jax.fast import train as fast_train
-    from mode_jax.fast.config import FastConfig
-
-    fast = FastConfig(compute_dtype=compute_dtype, layer_loop=layer_loop)
-    train = functools.partial(fast_train.train_step, cfg=cfg, opt=opt, lora=lora, fast=fast)
-    evaluate_fn = functools.partial(_fast_eval_step, cfg=cfg, lora=lora, fast=fast)
-    return Steps(init_opt=lambda t: fast_train.init_opt_state(t, opt), train_step=train,
-                 eval_step=evaluate_fn, prepare_frozen=lambda f: fast_train.cast_frozen(f, fast),
-                 backend="fast",
-                 to_backend=lambda p: fast_params.to_fast(p, expert_layers=expert_layers),
-                 from_backend=fast_params.to_ref)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "lora", "fast"))
-def _fast_eval_step(params, tokens, *, cfg, lora, fast):
-    """As _ref_eval_step, on the fast path's stacked params (chunked loss, no [B, T, V] logits)."""
-    from mode_jax.fast import loss as fast_loss
-    from mode_jax.fast import model as fast_model
-
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    routing = None
-    if "blocks" in params:
-        h, probs = fast_model.mode_hidden(params, inputs, cfg, fast, return_probs=True)
-        routing = jnp.stack([p.mean(axis=(0, 1)) for p in probs])         # [n_blocks, E]
-    else:
-        h = fast_model.hidden(params, inputs, cfg, fast, lora)
-    backbone = params["backbone"]
-    hn = fast_model.final_norm(backbone, h, cfg)
-    w = fast_model.head_weight(backbone, cfg)
-    m = fast_loss.next_token_metrics(hn, w, targets, chunk=fast.loss_chunk)
-    correct, nll = _fast_token_stats(hn, w, targets, chunk=fast.loss_chunk)
-    return {"loss": m["loss"], "accuracy": m["accuracy"], "routing": routing,
-            "token_correct": correct, "token_nll": nll}
-
-
-def _fast_token_stats(hn, w, targets, *, chunk: int):
-    """Per-token argmax == target and NLL [B, T] of logits = hn @ w.T, one chunk of logits at a
-    time (as fast.loss, whose chunking and compute-dtype argmax this reuses, so the counts add
-    up to its accuracy)."""
-    from mode_jax.fast import loss as fast_loss
-
-    hc, tc, _, n = fast_loss._chunks(hn, targets, jnp.ones(targets.shape, jnp.float32), chunk)
-    wc = w.astype(hn.dtype)
-
-    def body(_, xs):
-        h_c, t_c = xs
-        logits = fast_loss._chunk_logits(h_c, wc)                                  # [C, V]
-        l32 = logits.astype(jnp.float32)
-        nll = jax.nn.logsumexp(l32, axis=-1) - jnp.take_along_axis(l32, t_c[:, None], axis=-1)[:, 0]
-        return None, (jnp.argmax(logits, axis=-1) == t_c, nll)
-
-    _, (correct, nll) = jax.lax.scan(body, None, (hc, tc))
-    return correct.reshape(-1)[:n].reshape(targets.shape), nll.reshape(-1)[:n].reshape(targets.shape)
-
+from mode_jax.ref.methods import METHODS
 
 def _bar_interval() -> float:
     """Redraw often on a terminal; in a log file (no TTY) every 30 s is plenty."""

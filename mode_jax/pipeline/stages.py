@@ -24,6 +24,8 @@ import numpy as np
 
 from mode_jax.data.mixture import MixtureSampler
 from mode_jax.errors import UserError
+from mode_jax.fast import steps as fast_steps
+from mode_jax.fast.steps import Steps
 from mode_jax.pipeline import checkpoint, engine, expert_io, sources
 from mode_jax.pipeline.presets import PipelineConfig
 from mode_jax.pipeline.runs import RunDir
@@ -94,44 +96,44 @@ def _sampler(ctx: Context, domains, batch_size: int) -> MixtureSampler:
                           seq_len=ctx.cfg.data.seq_len, seed=ctx.cfg.train.seed)
 
 
+def make_steps(ctx: Context, method: str, *, opt: OptimConfig, lora: LoraConfig | None = None,
+               params_like: dict | None = None, parallel: bool = True) -> Steps:
+    """The steps of `method` as the config and `--mesh` / `--placement` (unless not `parallel`)
+    ask for (fast.steps.make_steps picks the backend); a layout that does not fit the model
+    is a UserError, raised before anything compiles."""
+    cfg = ctx.cfg
+    parallelism = ctx.parallelism if parallel else None
+    try:
+        return fast_steps.make_steps(method, ctx.llama, opt=opt, lora=lora, compute_dtype=cfg.model.compute_dtype,
+                                     layer_loop=cfg.model.layer_loop, backend=cfg.model.backend,
+                                     expert_layers=cfg.mode.expert_layers, parallelism=parallelism,
+                                     params_like=params_like, batch_size=cfg.train.batch_size,
+                                     seq_len=cfg.data.seq_len)
+    except ValueError as err:
+        if parallelism is None:
+            raise
+        raise UserError(str(err)) from None
+
+
 def check_parallelism(ctx: Context, method: str, n_experts: int) -> None:
     """Build (not compile) the sharded step `--mesh` / `--placement` ask for, on the shapes of
     a `method` model with `n_experts`, so a layout that does not fit the model is refused
     before a run directory is written. A no-op on one device or for unsharded methods."""
-    if ctx.parallelism is None:
+    if ctx.parallelism is None or not fast_steps.shardable(method):
         return
-    from mode_jax.pipeline import sharded
-    if not sharded.shardable(method):
-        return
-    cfg = ctx.cfg
-    mode = sources.mode_config(cfg, n_experts)
+    mode = sources.mode_config(ctx.cfg, n_experts)
     like = jax.eval_shape(lambda b: init_method("uninit", jax.random.key(0), b, ctx.llama, mode=mode),
                           ctx.backbone.params)
-    base = engine.make_steps(method, ctx.llama, opt=OptimConfig(), compute_dtype=cfg.model.compute_dtype,
-                             backend="ref")
-    sharded.sharded_steps(ctx.parallelism, method, ctx.llama, opt=OptimConfig(),
-                          compute_dtype=cfg.model.compute_dtype, layer_loop=cfg.model.layer_loop,
-                          expert_layers=cfg.mode.expert_layers, params_like=like,
-                          batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len, eval_steps=base)
+    make_steps(ctx, method, opt=OptimConfig(), params_like=like)
 
 
 def _train(ctx: Context, run: RunDir, *, phase: str, params: dict, method: str, domains, lr: float,
            total_steps: int, lora: LoraConfig | None = None) -> engine.TrainOutcome:
     cfg = ctx.cfg
-    steps = engine.make_steps(method, ctx.llama, opt=optim(cfg, lr, total_steps), lora=lora,
-                              compute_dtype=cfg.model.compute_dtype, layer_loop=cfg.model.layer_loop,
-                              backend=cfg.model.backend, expert_layers=cfg.mode.expert_layers)
-    if ctx.parallelism is not None:
-        from mode_jax.pipeline import sharded
-        if sharded.shardable(method):
-            steps = sharded.sharded_steps(ctx.parallelism, method, ctx.llama, opt=optim(cfg, lr, total_steps),
-                                          compute_dtype=cfg.model.compute_dtype, layer_loop=cfg.model.layer_loop,
-                                          expert_layers=cfg.mode.expert_layers, params_like=params,
-                                          batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
-                                          eval_steps=steps)
-        elif ctx.progress:
-            print(f"{phase}: {method} trains on one device (--mesh / --placement shard MoDE training)",
-                  file=sys.stderr)
+    steps = make_steps(ctx, method, opt=optim(cfg, lr, total_steps), lora=lora, params_like=params)
+    if ctx.parallelism is not None and steps.backend not in ("spmd", "mpmd") and ctx.progress:
+        print(f"{phase}: {method} trains on one device (--mesh / --placement shard MoDE training)",
+              file=sys.stderr)
     sampler = _sampler(ctx, domains, cfg.train.batch_size)
     return engine.train_loop(run, phase=phase, params=params, method=method, steps=steps,
                              batch_fn=sampler.batch, total_steps=total_steps,
@@ -142,9 +144,7 @@ def _train(ctx: Context, run: RunDir, *, phase: str, params: dict, method: str, 
 
 def evaluate_params(ctx: Context, params: dict, *, method: str, desc: str) -> dict[str, Any]:
     lora = lora_config(ctx.cfg) if "lora" in params else None
-    steps = engine.make_steps(method, ctx.llama, opt=OptimConfig(), lora=lora,
-                              compute_dtype=ctx.cfg.model.compute_dtype, backend=ctx.cfg.model.backend,
-                              expert_layers=ctx.cfg.mode.expert_layers, layer_loop=ctx.cfg.model.layer_loop)
+    steps = make_steps(ctx, method, opt=OptimConfig(), lora=lora, parallel=False)
     start = time.perf_counter()
     per_domain = engine.evaluate(steps, params, ctx.eval_sets, batch_size=ctx.cfg.data.eval_batch_size,
                                  progress=ctx.progress, desc=desc, separator=ctx.separator,
