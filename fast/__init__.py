@@ -17,8 +17,9 @@ Every function here is tested against its `ref/` counterpart (tests/test_fast_*.
     loss.py       chunked next-token loss/accuracy (no [tokens, V] logits), gradients in
                   the forward rule
     optim.py      the one optimizer: optax AdamW (equal to ref/optim.py) for every layout
-    train.py      the train step of every single-mesh backend, and the eval step
-    steps.py      the step factory: "ref", "fast", "spmd", "mpmd" behind one interface
+    train.py      the train step of every single-mesh backend, and the batch metrics
+    steps.py      the step factory: "ref", "fast", "spmd", "mpmd" behind one interface;
+                  the eval step
     spmd.py       the train step sharded over one mesh (rules tables: sharding.py)
     mpmd.py       backbone and experts on their own sub-meshes (placement.py)
     config.py     FastConfig: compute dtype, attention backend, merge, loss chunk, layer
@@ -32,11 +33,12 @@ from mode_jax.fast.merge import fused_merge, fused_merge_reference
 from mode_jax.fast.model import block_forward, hidden, llama_hidden, logits, mode_hidden
 from mode_jax.fast.params import merge, partition, to_fast, to_ref, trainable_mask
 from mode_jax.fast.optim import make_optimizer
-from mode_jax.fast.train import cast_frozen, eval_step, init_opt_state, train_step
+from mode_jax.fast.steps import Steps, eval_step, make_steps
+from mode_jax.fast.train import cast_frozen, init_opt_state, train_step
 
 __all__ = [
     "FastConfig", "gated_combine", "fused_merge", "fused_merge_reference", "next_token_metrics",
     "block_forward", "hidden", "llama_hidden", "logits", "mode_hidden",
     "to_fast", "to_ref", "partition", "merge", "trainable_mask",
-    "make_optimizer", "init_opt_state", "train_step", "eval_step", "cast_frozen",
+    "make_optimizer", "init_opt_state", "train_step", "eval_step", "cast_frozen", "make_steps", "Steps",
 ]

@@ -1,10 +1,11 @@
-"""The train step and the eval step on the stacked layout (the semantics of `ref/train.py`).
+"""The train step and the batch metrics on the stacked layout (the semantics of `ref/train.py`).
 
 `step(metrics_fn, ...)` is the one train step of every single-mesh backend (one device,
 the "ref" backend, SPMD): the gradient of `metrics_fn(params, batch)["loss"]` with
 respect to the trainable part only, then `fast/optim.py`'s AdamW. The backends differ
 only in `metrics_fn` (which forward runs: `batch_metrics` here, or ref/'s) and in where
-the arrays live (`fast/steps.py` jits the step with the shardings). MPMD
+the arrays live (`fast/steps.py` jits the step with the shardings, and has the one
+eval step, over `batch_metrics` with routing and per-token statistics). MPMD
 (`fast/mpmd.py`) computes its gradients per sub-mesh and calls the same optimizer.
 
 Only the trainable part of the params is differentiated (`jax.value_and_grad` of
@@ -125,9 +126,3 @@ train_step.__doc__ = """One AdamW step of fast/model.py's forward on the trainab
 trainable params and optimizer state are donated. Returns (trainable, opt_state, metrics)."""
 # The same step without donation, for callers that reuse their inputs (tests, comparisons).
 train_step_keep = jax.jit(_train_step, static_argnames=_STATIC)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "lora", "fast"))
-def eval_step(params: dict, batch: dict, *, cfg: LlamaConfig, fast: FastConfig = FastConfig(),
-              lora: LoraConfig | None = None) -> dict:
-    return batch_metrics(params, batch, cfg, fast, lora)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from mode_jax.fast import params as P
+from mode_jax.fast import steps as S
 from mode_jax.fast import train as FT
 from mode_jax.fast.config import FastConfig
 from mode_jax.ref import train as RT
@@ -126,14 +127,17 @@ def test_donating_step_and_bf16_train():
 
 
 def test_eval_step_matches_ref():
+    """fast/steps.py's eval step (loss chunks of 5 that do not divide the 22 tokens) against
+    ref/train.py's metrics, routing and per-token statistics."""
     params = method_params("uninit")
-    b = batch(5)
-    fast = FastConfig.exact(loss_chunk=5)
-    got = jax.jit(lambda p, b: FT.eval_step(p, b, cfg=CFG, fast=fast), compiler_options=FAST_COMPILE)(
-        to_fast_jit(params), b)
-    want = jax.jit(lambda p, b: RT.eval_step(p, b, cfg=CFG), compiler_options=FAST_COMPILE)(params, b)
-    for k in want:
+    tokens = batch(5)["tokens"]
+    forward = S.Forward(CFG, None, FastConfig.exact(loss_chunk=5))
+    got = S.eval_step(to_fast_jit(params), tokens, forward=forward)
+    want = jax.jit(lambda p, t: RT.batch_metrics(p, {"tokens": t}, CFG, with_routing=True, with_tokens=True),
+                   compiler_options=FAST_COMPILE)(params, tokens)
+    for k in ("loss", "accuracy", "routing", "token_nll"):
         assert_close(got[k], want[k], err_msg=k)
+    np.testing.assert_array_equal(got["token_correct"], want["token_correct"])
 
 
 def _frozen_weight_shapes(frozen):
