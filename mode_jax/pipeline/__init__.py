@@ -5,7 +5,9 @@
     runs.py       one run directory: resolved config, metrics (JSON lines), results
     expert_io.py  an expert as a standalone safetensors artifact, with compatibility checks
     checkpoint.py atomic training-state checkpoints and resume
-    engine.py     train / eval loops (progress bars), routing statistics, fast-or-ref steps
+    engine.py     train / eval loops (progress bars), routing statistics; the steps they
+                  drive come from mode_jax.fast.steps (every backend, one interface)
+    sharded.py    which methods --mesh / --placement shard (refused for the others)
     stages.py     the workflow's steps (stage 1, stage 2, baselines, eval) on a run directory
     report.py     Table 1 (markdown + JSON) with the paper's numbers beside ours
     plots.py      PNG figures: loss curves, accuracy per domain, gate routing per block
