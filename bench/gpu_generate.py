@@ -87,7 +87,7 @@ def build(cfg: LlamaConfig, mode: ModeConfig, part: str) -> dict:
     return params
 
 
-def check(cfg: LlamaConfig, mode: ModeConfig) -> str:
+def check(mode: ModeConfig) -> str:
     """fast/ against ref/ on a small model: greedy tokens in float32, first logits in bf16."""
     small, _ = model_config(True)
     params = build(small, mode, "mode")
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     print(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}; prompt {args.prompt}, "
           f"new {args.new}, batches {args.batches}, {args.dtype}", flush=True)
-    print(f"check: {check(cfg, mode)}", flush=True)
+    print(f"check: {check(mode)}", flush=True)
     rows = []
     for part in args.parts.split(","):
         prepared = decode.prepare(to_fast(build(cfg, mode, part)), fast)

@@ -1,9 +1,10 @@
 """`mode-jax generate`: text from a backbone, a backbone with expert files, or a composed run.
 
 The continuation streams to stdout as it is decoded. The prompt comes from --prompt,
---prompt-file (- for stdin) or stdin; --chat wraps it in the model's chat template
-(from its GGUF metadata). Temperature 0 (the default) is greedy decoding; otherwise
-tokens are sampled (--top-k, --top-p) with --seed, so a run repeats exactly.
+--prompt-file (- for stdin) or stdin; --chat wraps it in the model's chat template (its
+GGUF metadata, or a Hugging Face directory's tokenizer_config.json). Temperature 0 (the
+default) is greedy decoding; otherwise tokens are sampled (--top-k, --top-p) with --seed,
+so a run repeats exactly.
 
 --show-routing colours each new token by the expert with the largest gate weight
 (averaged over blocks, or of one block: --show-routing 2), a legend on stderr;
