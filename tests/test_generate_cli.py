@@ -114,3 +114,27 @@ def test_stop_string_cuts_the_text_and_the_stream_matches(model):
     out = model.generate("Once", max_new_tokens=12, stop=[stop], stream=lambda piece, routing: pieces.append(piece))
     assert out.finish == "stop" and out.text == full.text[:full.text.find(stop)]
     assert "".join(pieces) == out.text and out.tokens == full.tokens[:len(out.tokens)]
+
+
+def test_hugging_face_directory_with_its_chat_template(tmp_path, capsys):
+    import json
+
+    from tests.tiny_hf import recipes, train_tokenizer, write_model_dir
+    path = write_model_dir(tmp_path / "model", train_tokenizer(recipes()))
+    conf = json.loads((path / "tokenizer_config.json").read_text())
+    conf["chat_template"] = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                             "{% if add_generation_prompt %}<assistant>{% endif %}")
+    (path / "tokenizer_config.json").write_text(json.dumps(conf))
+    model = mode_jax.load(str(path))
+    prompt = model.chat_prompt("mix 3 cups of flour", system="be brief")
+    assert prompt == "<system>be brief\n<user>mix 3 cups of flour\n<assistant>"
+    out = model.generate(prompt, max_new_tokens=6)
+    want = decode.generate(model.params, np.array([model.tokenizer.encode(prompt)]), model.cfg, max_new_tokens=6,
+                           eos_id=model.eos_id)
+    assert out.tokens == want.tokens[0] and out.routing.shape == (len(out.tokens), 0, 1)
+    assert main(["generate", "--model", str(path), "--chat", "--system", "be brief", "--prompt",
+                 "mix 3 cups of flour", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == out.text + "\n"
+    page = tmp_path / "r.html"
+    assert_refused(capsys, ["generate", "--model", str(path), "--prompt", "flour " * 600, "--routing-html",
+                            str(page)], page, "context of 512")
