@@ -4,18 +4,20 @@ A batch is {"tokens": int [B, T + 1], "mask": optional float [B, T]}: position t
 predicts tokens[:, t + 1], and the mask (1 = counts) selects which predictions
 count (e.g. to leave out padding). Only the trainable part of the params is
 differentiated; the frozen part is passed through untouched, so it comes out of
-a step bit-identical.
+a step bit-identical. The public functions check shapes and dtypes with chex (static:
+nothing of them is left in the traced step).
 """
 
 from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 
 from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
-from mode_jax.ref.llama import lm_head
+from mode_jax.ref.llama import check_tokens, lm_head
 from mode_jax.ref.methods import apply, merge
 from mode_jax.ref.mode import mode_hidden
 from mode_jax.ref.optim import adamw_update
@@ -35,6 +37,15 @@ def next_token_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array | 
     logits [B, T, V], targets int [B, T], mask [B, T] (None = all count).
     Returns {"loss", "accuracy", "tokens"} (tokens = number of counted positions).
     """
+    chex.assert_rank(logits, 3, custom_message="next_token_metrics: logits must be [B, T, V]",
+                     exception_type=ValueError)
+    chex.assert_shape(targets, logits.shape[:2], custom_message="next_token_metrics: targets must be [B, T] "
+                      "as the logits' first two axes", exception_type=ValueError)
+    chex.assert_type(targets, int, custom_message="next_token_metrics: targets must be integer ids",
+                     exception_type=ValueError)
+    if mask is not None:
+        chex.assert_shape(mask, targets.shape, custom_message="next_token_metrics: mask must be [B, T] as targets",
+                          exception_type=ValueError)
     if mask is None:
         mask = jnp.ones(targets.shape, jnp.float32)
     mask = mask.astype(jnp.float32)
@@ -52,7 +63,8 @@ def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, lora: LoraConfig 
     """next_token_metrics of the model on `batch`; with_routing adds "routing" (each MoDE
     block's mean gate probabilities [n_blocks, E], None for other models), with_tokens
     "token_correct" and "token_nll" ([B, T] each, `token_stats`)."""
-    tokens = batch["tokens"]
+    tokens = batch["tokens"]                                                          # [B, T + 1]
+    check_tokens(tokens, "batch_metrics: batch['tokens']")
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     routing = None
     if with_routing and "blocks" in params and "lora" not in params:

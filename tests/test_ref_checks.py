@@ -12,6 +12,7 @@ from mode_jax.ref.llama import init_llama
 from mode_jax.ref.lora import init_lora, lora_merge
 from mode_jax.ref.methods import apply
 from mode_jax.ref.mode import gate_logits, init_mode, mode_forward
+from mode_jax.ref.train import batch_metrics, next_token_metrics
 
 CFG = LlamaConfig.tiny(n_layers=2)
 MODE = ModeConfig(n_blocks=2, expert_layers=1, n_experts=2, expert_init="random")
@@ -62,12 +63,32 @@ def test_lora_merge_checks_adapter_shapes():
 
 
 def test_checks_add_nothing_to_the_traced_step(params):
-    """The jaxpr of the MoDE forward is the same with chex's checks on and off."""
-    tok = _tokens()
-    with_checks = str(jax.make_jaxpr(mode_forward, static_argnums=2)(params, tok, CFG))
+    """The jaxpr of the MoDE loss (forward and metrics) is the same with chex's checks on and off."""
+    batch = {"tokens": _tokens((2, 6))}
+    trace = lambda: str(jax.make_jaxpr(batch_metrics, static_argnums=2)(params, batch, CFG))
+    with_checks = trace()
     chex.disable_asserts()
     try:
-        without = str(jax.make_jaxpr(mode_forward, static_argnums=2)(params, tok, CFG))
+        without = trace()
     finally:
         chex.enable_asserts()
     assert with_checks == without
+
+
+def test_next_token_metrics_checks_its_inputs():
+    logits = jax.random.normal(jax.random.key(4), (2, 5, 7))
+    targets = _tokens((2, 5)) % 7
+    assert float(next_token_metrics(logits, targets)["tokens"]) == 10.0
+    with pytest.raises(ValueError, match=r"logits must be \[B, T, V\]"):
+        next_token_metrics(logits[0], targets)
+    with pytest.raises(ValueError, match=r"targets must be \[B, T\]"):
+        next_token_metrics(logits, targets[:, :4])
+    with pytest.raises(ValueError, match="targets must be integer ids"):
+        next_token_metrics(logits, targets.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"mask must be \[B, T\]"):
+        next_token_metrics(logits, targets, jnp.ones((2, 4)))
+
+
+def test_batch_metrics_checks_the_tokens(params):
+    with pytest.raises(ValueError, match=r"batch_metrics: batch\['tokens'\]: tokens must be \[B, T\]"):
+        batch_metrics(params, {"tokens": _tokens((2, 5))[0]}, CFG)
