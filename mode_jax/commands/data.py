@@ -3,8 +3,8 @@ English), and describe them.
 
     mode-jax data build                      # built-ins, default sizes (~850 CPU-s: ~7 min on 2 idle cores)
     mode-jax data build --out DIR --math-examples 20000 --domains math,code
-    mode-jax data build --out DIR --model MODEL \
-        --domain legal=cases.jsonl --domain med=notes/ --domain poems="poems/*.txt" --domain math
+    mode-jax data build --out DIR --model MODEL --domain legal=cases.jsonl:body --domain med=notes/
+    mode-jax data build --out DIR --domain poems="poems/*.txt" --domain novel=book.txt --domain math
     mode-jax data info [--dir DIR] [--verify]
 
 --domain NAME=SOURCE (repeatable) builds a domain from your files: a JSON-lines file
