@@ -2,10 +2,11 @@
 
 Same function as `ref/decode.py` on the stacked layout of `fast/params.py`:
 
-- the cache has a static size S (prompt bucket + new tokens), one array per kind of
-  stack, written in place with `dynamic_update_slice`:
-      backbone {"k", "v"}: [L, B, S, K, H]
-      experts  {"k", "v"}: [n_blocks, N, expert_layers, B, S, K, H]
+- the cache has a static size S (prompt bucket + new tokens), one buffer per layer
+  (the layout of `ref/decode.py`, with a block's N experts side by side), written in
+  place with `dynamic_update_slice` and read whole by the attention, never sliced:
+      backbone [{"k", "v": [B, S, K, H]}] * L
+      experts  [[{"k", "v": [N, B, S, K, H]}] * expert_layers] * n_blocks
 - a batch of prompts of different lengths is left-padded to one length P; row b's
   token at buffer index j has position j - pad[b] (RoPE per row), and its queries see
   the keys pad[b] <= j' <= j. The last prompt column is real in every row, so one
@@ -14,8 +15,7 @@ Same function as `ref/decode.py` on the stacked layout of `fast/params.py`:
   token; it stops early once every row has produced EOS), or, for streaming, one
   jitted step called per token;
 - the N experts of a block are one `vmap` over the expert axis (one batched matmul
-  per expert layer, as in training), only their new keys and values written into the
-  shared cache array;
+  per expert layer, as in training), their caches side by side;
 - weights are cast to `FastConfig.compute_dtype` (bf16 by default), q|k|v and gate|up
   joined, and the stacks split into one buffer per layer once, before any of this
   (`prepare`: a slice of a stacked weight inside the step would be a copy per token);
@@ -79,12 +79,13 @@ def prepare(params: dict, fast: FastConfig) -> dict:
 def init_cache(prepared: dict, batch: int, size: int, cfg: LlamaConfig, fast: FastConfig) -> dict:
     """Zeroed caches of `size` positions for every layer of every stack."""
     kv = (batch, size, cfg.n_kv_heads, cfg.head_dim)
-    n_layers = len(prepared["backbone"]["layers"])
-    cache = {"backbone": {n: jnp.zeros((n_layers, *kv), fast.dtype) for n in ("k", "v")}}
+
+    def zeros(*lead):
+        return {n: jnp.zeros((*lead, *kv), fast.dtype) for n in ("k", "v")}
+    cache = {"backbone": [zeros() for _ in prepared["backbone"]["layers"]]}
     if "blocks" in prepared:
-        experts = prepared["blocks"]["experts"]
-        lead = (len(experts), experts[0][0]["attn_norm"].shape[0], len(experts[0]))   # n_blocks, N, EL
-        cache["experts"] = {n: jnp.zeros((*lead, *kv), fast.dtype) for n in ("k", "v")}
+        cache["experts"] = [[zeros(layer["attn_norm"].shape[0]) for layer in block]
+                            for block in prepared["blocks"]["experts"]]
     return cache
 
 
@@ -123,12 +124,12 @@ def _finish(layer: dict, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
 
 def _backbone_layers(layers, cache, x, lo, hi, write, rot, mask, cfg):
     """Backbone layers lo..hi-1 on x, each writing its new k, v at `write` -> (x, cache)."""
+    cache = list(cache)
     for l in range(lo, hi):
-        layer = layers[l]
-        q, k, v = _qkv(layer, x, *rot, cfg)
-        cache = {n: lax.dynamic_update_slice(cache[n], new[None], (l, 0, write, 0, 0))
-                 for n, new in (("k", k), ("v", v))}
-        x = _finish(layer, x, q, cache["k"][l], cache["v"][l], mask, cfg)
+        q, k, v = _qkv(layers[l], x, *rot, cfg)
+        c = {n: lax.dynamic_update_slice(cache[l][n], new, (0, write, 0, 0)) for n, new in (("k", k), ("v", v))}
+        x = _finish(layers[l], x, q, c["k"], c["v"], mask, cfg)
+        cache[l] = c
     return x, cache
 
 
@@ -137,12 +138,13 @@ def _expert_layers(experts, cache, x, block, write, rot, mask, cfg):
     experts[block][e] holds expert layer e of every expert ({key: [N, ...]})."""
     n_experts = experts[block][0]["attn_norm"].shape[0]
     xs = jnp.broadcast_to(x, (n_experts, *x.shape))                               # [N, B, T, D]
+    cache = [list(c) for c in cache]
     for e, layer in enumerate(experts[block]):
         q, k, v = jax.vmap(lambda lay, y: _qkv(lay, y, *rot, cfg))(layer, xs)     # [N, B, T, ...]
-        cache = {n: lax.dynamic_update_slice(cache[n], new[None, :, None], (block, 0, e, 0, write, 0, 0))
-                 for n, new in (("k", k), ("v", v))}
-        xs = jax.vmap(lambda lay, y, qq, kk, vv: _finish(lay, y, qq, kk, vv, mask, cfg))(
-            layer, xs, q, cache["k"][block, :, e], cache["v"][block, :, e])
+        c = {n: lax.dynamic_update_slice(cache[block][e][n], new, (0, 0, write, 0, 0))
+             for n, new in (("k", k), ("v", v))}
+        xs = jax.vmap(lambda lay, y, qq, kk, vv: _finish(lay, y, qq, kk, vv, mask, cfg))(layer, xs, q, c["k"], c["v"])
+        cache[block][e] = c
     return xs, cache
 
 
@@ -152,7 +154,7 @@ def forward(prepared: dict, cache: dict, tokens: jax.Array, write: jax.Array, pa
     (float32 logits [B, V] of the last column, or [B, T, V] with all_logits; new cache;
     gate probabilities [B, T, n_blocks, E], or None for a backbone)."""
     b, t = tokens.shape
-    size = cache["backbone"]["k"].shape[2]
+    size = cache["backbone"][0]["k"].shape[1]
     index = write + jnp.arange(t)                                                  # [T] buffer indices
     rot = _rotary(jnp.maximum(index[None, :] - pad[:, None], 0), cfg)
     keys = jnp.arange(size)
