@@ -6,10 +6,18 @@
   a checkpoint that does not fit the run is a one-line error.
 * Lifetime: while a phase trains only its newest checkpoint exists; once its artifact
   and result are written its checkpoints are deleted, unless --keep-checkpoints.
+* Through the CLI: train-expert on `--mesh dp=4,fsdp=2` killed with SIGKILL mid-run,
+  resumed on `--mesh fsdp=8` and on one device, ends with the uninterrupted run's expert
+  (float32 tolerance table).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -18,10 +26,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from safetensors.numpy import load_file
 
 from mode_jax.cli import main
 from mode_jax.errors import UserError
 from mode_jax.pipeline import checkpoint
+from tests.helpers import kill_after_checkpoint
+from tests.tolerances import assert_close
 
 META = {"phase": "p", "tokens_seen": 512, "data_position": 4, "seed": 3}
 
@@ -128,3 +139,47 @@ def test_finetune_deletes_its_checkpoints_when_done(tmp_path, monkeypatch):
                  "--steps", "3", "--set", "train.checkpoint_every=2"]) == 0
     assert seen == [["step-00000002"]] and (out / "model.safetensors").is_file()
     assert not (out / "checkpoints").exists()
+ARGS = ["--preset", "smoke", "--quiet", "--steps", str(STEPS), "--set", "train.batch_size=8",
+        "--set", "train.checkpoint_every=2"]
+
+
+def _cmd(out, *extra):
+    return [sys.executable, "-m", "mode_jax.cli", "train-expert", "--domain", "math", "--out", str(out),
+            *ARGS, *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_on_one_mesh_resume_on_another_and_on_one_device(tmp_path):
+    # The subprocesses inherit the 8 forced CPU devices (tests/conftest.py sets XLA_FLAGS)
+    # and share a persistent compilation cache (same executables, loaded not recompiled).
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    first = ["--mesh", "dp=4,fsdp=2"]
+    straight = tmp_path / "straight"
+    subprocess.run(_cmd(straight, *first), check=True, env=env, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(killed, *first, "--throttle", "0.4"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        kill_after_checkpoint([proc], killed, 4)
+    finally:
+        proc.kill()
+    assert not (killed / "result.json").exists()
+    other = tmp_path / "other"
+    shutil.copytree(killed, other)
+
+    want = load_file(str(straight / "expert-math.safetensors"))
+    curve = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    for run, flags in ((killed, ["--mesh", "fsdp=8"]), (other, [])):
+        subprocess.run(_cmd(run, *flags, "--resume"), check=True, env=env, timeout=300)
+        got = load_file(str(run / "expert-math.safetensors"))
+        assert got.keys() == want.keys()
+        for name in want:
+            assert_close(got[name], want[name], err_msg=name)
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
+        # Steps 1-4 ran on the first mesh before the kill: the very same numbers.
+        assert [m["loss"] for m in lines[:4]] == [m["loss"] for m in curve[:4]]
+        assert_close(np.array([m["loss"] for m in lines]), np.array([m["loss"] for m in curve]))
+        assert [m["tokens_seen"] for m in lines] == [m["tokens_seen"] for m in curve]
