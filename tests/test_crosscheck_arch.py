@@ -24,9 +24,9 @@ from mode_jax.fast import model as fast_model
 from mode_jax.fast import params as fast_params
 from mode_jax.fast.config import FastConfig
 from mode_jax.gguf_loader import read_gguf
-from mode_jax.hf_loader import read_hf_dir
-from mode_jax.ref.config import RopeScaling
-from mode_jax.ref.llama import llama_forward
+from mode_jax.hf_loader import read_hf_dir, save_hf_dir
+from mode_jax.ref.config import LlamaConfig, RopeScaling
+from mode_jax.ref.llama import init_llama, llama_forward
 from tests.crosscheck_setup import py311  # noqa: F401 (fixture)
 from tests.tolerances import assert_close
 
@@ -69,11 +69,29 @@ def arch(py311, tmp_path_factory):  # noqa: F811
             for i, (name, (kind, config, shard)) in enumerate(CASES.items())]
     for spec in make:
         Path(spec["gguf"]).parent.mkdir(parents=True)
-    results = run_reference(py311, {"make": make}, work)
-    return {spec["name"]: {**spec, **results[spec["name"]], "tokens": np.array(tokens, np.int32),
-                           "logits": np.load(work / "out" / f"{spec['name']}.npy"),
-                           "gguf_logits": np.load(work / "out" / f"{spec['name']}_gguf.npy")}
-            for spec in make}
+    # The other way round: directories our save_hf_dir writes, for transformers to load.
+    ours = {name: _our_dir(work / f"ours_{name}", cfg, seed) for seed, (name, cfg) in enumerate(OURS.items())}
+    load = [{"name": f"ours_{name}", "kind": "hf", "dir": str(path), "tokens": tokens} for name, (path, _) in ours.items()]
+    results = run_reference(py311, {"make": make, "load": load}, work)
+    out = {spec["name"]: {**spec, **results[spec["name"]], "tokens": np.array(tokens, np.int32),
+                          "logits": np.load(work / "out" / f"{spec['name']}.npy"),
+                          "gguf_logits": np.load(work / "out" / f"{spec['name']}_gguf.npy")}
+           for spec in make}
+    out["ours"] = {name: {"params": params, "cfg": OURS[name], "class": results[f"ours_{name}"]["class"],
+                          "tokens": np.array(tokens, np.int32), "logits": np.load(work / "out" / f"ours_{name}.npy")}
+                   for name, (_, params) in ours.items()}
+    return out
+
+
+OURS = {"llama3": LlamaConfig.tiny(vocab_size=128, tie_embeddings=False, rope_scaling=RopeScaling(
+            original_max_position_embeddings=64)),
+        "qwen2": LlamaConfig.tiny(vocab_size=128, qkv_bias=True, rope_theta=1e6)}
+
+
+def _our_dir(path: Path, cfg: LlamaConfig, seed: int):
+    """Random params (5x init's, so RoPE and biases matter) written by save_hf_dir."""
+    params = jax.tree.map(lambda a: 5.0 * np.asarray(a), init_llama(jax.random.key(seed), cfg))
+    return save_hf_dir(params, cfg, path), params
 
 
 def _ref_logits(params, tokens, cfg):
@@ -136,3 +154,21 @@ def test_transformers_reads_the_ggufs_as_we_do(arch):
     unscaled = cfg.__class__(**{**cfg.__dict__, "rope_freq_factors": None})
     assert_close(_ref_logits(params, llama["tokens"], unscaled), llama["gguf_logits"])
     assert np.abs(llama["gguf_logits"] - llama["logits"]).max() > 0.1
+
+
+@pytest.mark.parametrize("name", sorted(OURS))
+def test_transformers_reads_what_we_write(arch, name):
+    """save_hf_dir's config.json (llama3 scaling in both transformers forms; Qwen2's fields) and
+    tensors, loaded by AutoModelForCausalLM: the same float32 logits."""
+    ours = arch["ours"][name]
+    assert ours["class"] == ("Qwen2ForCausalLM" if name == "qwen2" else "LlamaForCausalLM")
+    want = _ref_logits(ours["params"], ours["tokens"], ours["cfg"])
+    # 4 layers of 5x-init weights, logits up to 11: float32 rounding alone moves a few of them
+    # by 5e-5 (measured against a float64 forward: ours 6.4e-5, transformers' 5.1e-5), so
+    # eight times the table's float32 tolerance (still 5e-6 of the logits' scale).
+    assert_close(want, ours["logits"], scale=8)
+    # Teeth: without the scaling or the biases the logits are far off.
+    plain = LlamaConfig.tiny(vocab_size=128, tie_embeddings=ours["cfg"].tie_embeddings, rope_theta=ours["cfg"].rope_theta)
+    params = {**ours["params"], "layers": [{k: v for k, v in l.items() if not k.startswith("b")}
+                                           for l in ours["params"]["layers"]]}
+    assert np.abs(_ref_logits(params, ours["tokens"], plain) - ours["logits"]).max() > 0.05
