@@ -16,7 +16,7 @@ from mode_jax.data.pack import ByteTokenizer
 from mode_jax.pipeline import expert_io
 from mode_jax.ref import decode
 from tests.helpers import assert_refused, stage1_expert
-from tests.tolerances import assert_close
+from tests.tolerances import PRINTED_3_DECIMALS, assert_close
 
 PROMPT = "What is 2 + 3?"
 
@@ -63,7 +63,7 @@ def test_cli_streams_the_text_and_writes_the_routing_page(experts, model, tmp_pa
                       page.read_text())
     assert len(rows) == len(ids) - 1 + len(want.tokens[0])
     new = np.array([[float(w) for w in re.findall(r"<td>([0-9.]+)</td>", r[3])] for r in rows if r[1] == "new"])
-    np.testing.assert_allclose(new.reshape(-1, 2, 3), want.routing[0], atol=6e-4)   # printed to 3 decimals
+    np.testing.assert_allclose(new.reshape(-1, 2, 3), want.routing[0], **PRINTED_3_DECIMALS)
     assert html.unescape(rows[0][2]) == repr(PROMPT[1])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ from mode_jax.ref.config import LoraConfig
 from mode_jax.ref.llama import init_llama, layer_shapes
 from mode_jax.ref.lora import lora_param_count
 from mode_jax.ref.train import eval_step
+from tests.tolerances import PROBABILITY_SUM, assert_close, assert_trees_close
 
 LABELS = ["backbone", "expert-math", "expert-code", "mode-2x", "mode-2x-frozen", "mode-2x-uninit",
           "full-ft", "lora-r4-attn"]
@@ -41,7 +43,7 @@ def test_table_rows_and_columns(smoke_run):
     for row in table["rows"]:
         accs = [row["accuracy"][d] for d in table["domains"]]
         assert all(0.0 <= a <= 100.0 for a in accs)
-        assert row["avg"] == pytest.approx(np.mean(accs))
+        assert_close(row["avg"], np.mean(accs), dtype=np.float64)
         assert all(np.isfinite(row["loss"][d]) and row["loss"][d] > 0 for d in table["domains"])
         assert row["method"] in md
     paper = {r["label"]: r["paper"] for r in table["rows"]}
@@ -64,8 +66,8 @@ def test_backbone_row_equals_independent_ref_eval(smoke_run):
             m = eval_step(params, {"tokens": rows[i:i + cfg.data.eval_batch_size]}, cfg=llama)
             accs.append(float(m["accuracy"]))
             losses.append(float(m["loss"]))
-        assert row["accuracy"][d] == pytest.approx(100 * np.mean(accs), abs=1e-9)
-        assert row["loss"][d] == pytest.approx(np.mean(losses), rel=1e-6)
+        assert_close(row["accuracy"][d], 100 * np.mean(accs), dtype=np.float64)
+        assert_close(row["loss"][d], np.mean(losses), dtype=np.float32, scale=0.1)
         # accuracy is a count of correct tokens over eval tokens
         n_tok = rows.shape[0] * (rows.shape[1] - 1)
         assert abs(row["accuracy"][d] / 100 * n_tok - round(row["accuracy"][d] / 100 * n_tok)) < 1e-6
@@ -110,7 +112,7 @@ def test_run_directories_metrics_and_routing(smoke_run):
             for d, v in result["domains"].items():
                 routing = np.asarray(v["routing"])
                 assert routing.shape == (cfg.mode.n_blocks, n_e + 1)
-                np.testing.assert_allclose(routing.sum(axis=1), 1.0, atol=1e-5)
+                np.testing.assert_allclose(routing.sum(axis=1), 1.0, **PROBABILITY_SUM)
     assert (smoke_run / "expert-math" / "expert-math.safetensors").is_file()
     assert (smoke_run / "mode-2x" / "model.safetensors").is_file()
 
@@ -146,20 +148,20 @@ def test_backends_and_compute_dtypes_agree(tmp_path):
     for name, extra in variants.items():
         assert main([*common, "--out", str(tmp_path / name), *extra]) == 0
     ref = _losses(tmp_path / "ref")
-    np.testing.assert_allclose(_losses(tmp_path / "fast"), ref, rtol=2e-5)
-    np.testing.assert_allclose(_losses(tmp_path / "fast-python-loop"), ref, rtol=2e-5)
+    # float32: three steps of updates on top of the forward's rounding (2x the table)
+    assert_close(_losses(tmp_path / "fast"), ref, dtype=np.float32, scale=2)
+    assert_close(_losses(tmp_path / "fast-python-loop"), ref, dtype=np.float32, scale=2)
     for name in ("fast-bf16", "ref-bf16"):
-        np.testing.assert_allclose(_losses(tmp_path / name), ref, rtol=2e-2)
+        assert_close(_losses(tmp_path / name), ref, dtype=jnp.bfloat16)
     a = expert_io.load_expert(tmp_path / "ref" / "expert-code.safetensors")
     b = expert_io.load_expert(tmp_path / "fast" / "expert-code.safetensors")
-    for x, y in zip(jax.tree.leaves(a.layers), jax.tree.leaves(b.layers)):
-        np.testing.assert_allclose(x, y, atol=2e-5)
+    assert_trees_close(b.layers, a.layers, scale=2)
     results = {n: json.loads((tmp_path / n / "result.json").read_text()) for n in variants}
     assert results["fast"]["backend"] == "fast" and results["ref"]["backend"] == "ref"
     for d in results["ref"]["domains"]:
-        assert results["fast"]["domains"][d]["loss"] == pytest.approx(results["ref"]["domains"][d]["loss"], rel=1e-5)
-        np.testing.assert_allclose(results["fast"]["domains"][d]["routing"], results["ref"]["domains"][d]["routing"],
-                                   atol=1e-5)
+        assert_close(results["fast"]["domains"][d]["loss"], results["ref"]["domains"][d]["loss"], dtype=np.float32)
+        assert_close(results["fast"]["domains"][d]["routing"], results["ref"]["domains"][d]["routing"],
+                     dtype=np.float32)
 
 
 def test_model_layer_loop_reaches_the_fast_step():

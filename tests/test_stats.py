@@ -9,7 +9,7 @@ import pytest
 from mode_jax.pipeline import engine, eval_units, presets, sources, stages, stats
 from mode_jax.ref.config import OptimConfig
 from tests import numpy_llama
-from tests.tolerances import MONTE_CARLO, assert_close
+from tests.tolerances import APPROX_FLOAT64, MONTE_CARLO, assert_close
 
 
 # ----------------------------------------------------------------------------- bootstrap
@@ -30,8 +30,8 @@ def test_two_seeds_one_document_resamples_seeds():
     # Seeds with accuracies 0.2 and 0.6 on one document: a replicate is the mean of two seeds
     # drawn with replacement: 0.2 (p 1/4), 0.4 (p 1/2), 0.6 (p 1/4); sd = 0.2 / sqrt(2).
     iv = stats.bootstrap_accuracy([[1], [3]], [5], n_boot=20000, seed=2)
-    assert iv.estimate == pytest.approx(0.4, abs=1e-15)
-    assert (iv.low, iv.high) == pytest.approx((0.2, 0.6), abs=1e-15)
+    assert iv.estimate == pytest.approx(0.4, **APPROX_FLOAT64)
+    assert (iv.low, iv.high) == pytest.approx((0.2, 0.6), **APPROX_FLOAT64)
     np.testing.assert_allclose(iv.se, 0.2 / np.sqrt(2), **MONTE_CARLO)
 
 
@@ -45,7 +45,8 @@ def test_one_seed_bootstrap_se_approaches_analytic_clustered_se():
     analytic = stats.clustered_se(y, np.full(c, size))
     # the formula by hand: ratio estimator, clusters independent
     acc = y.sum() / (c * size)
-    assert analytic == pytest.approx(np.sqrt(c / (c - 1) * np.sum((y - acc * size) ** 2)) / (c * size), rel=1e-12)
+    assert analytic == pytest.approx(np.sqrt(c / (c - 1) * np.sum((y - acc * size) ** 2)) / (c * size),
+                                     **APPROX_FLOAT64)
     iv = stats.bootstrap_accuracy(y, np.full(c, size), n_boot=20000, seed=4)
     np.testing.assert_allclose(iv.se, analytic * np.sqrt((c - 1) / c), **MONTE_CARLO)
     # and it is far above the binomial SE that treats tokens as independent
@@ -77,7 +78,7 @@ def _methods(effect: float, seed: int, n_seeds=3, c=150, size=60):
 def test_paired_difference_detects_a_known_difference():
     ya, yb, n = _methods(0.03, seed=7)
     d = stats.paired_difference(yb, n, ya, n, seed=0)
-    assert d.estimate == pytest.approx(stats.accuracy(yb, n) - stats.accuracy(ya, n), abs=1e-15)
+    assert d.estimate == pytest.approx(stats.accuracy(yb, n) - stats.accuracy(ya, n), **APPROX_FLOAT64)
     assert d.excludes_zero and d.low > 0
     assert d.low < 0.03 < d.high
     # pairing removes the shared document noise: the unpaired SEs add up to far more
@@ -150,7 +151,7 @@ def test_evaluate_counts_match_a_float64_numpy_model():
         # today's all-token accuracy is unchanged and agrees with the per-token counts
         n_all = targets.size
         assert got["tokens"] == n_all
-        assert got["accuracy_content"] == pytest.approx(sum(per_row["correct"]) / keep.sum(), abs=1e-12)
+        assert got["accuracy_content"] == pytest.approx(sum(per_row["correct"]) / keep.sum(), **APPROX_FLOAT64)
     assert by_backend["ref"]["per_row"]["correct"] == by_backend["fast"]["per_row"]["correct"]
     assert_close(np.array(by_backend["fast"]["per_row"]["nll"]), np.array(by_backend["ref"]["per_row"]["nll"]),
                  np.float32, scale=10)
@@ -186,7 +187,7 @@ def test_average_over_domains():
     # two domains, one seed: documents drawn independently per domain, so
     # SE(mean) = sqrt(se1^2 + se2^2) / 2
     both = stats.average_over_domains([(y1, n1), (y2, n2)], n_boot=20000, seed=5)
-    assert both.estimate == pytest.approx((y1.sum() / n1.sum() + y2.sum() / n2.sum()) / 2, abs=1e-15)
+    assert both.estimate == pytest.approx((y1.sum() / n1.sum() + y2.sum() / n2.sum()) / 2, **APPROX_FLOAT64)
     se1, se2 = stats.clustered_se(y1, n1), stats.clustered_se(y2, n2)
     np.testing.assert_allclose(both.se, np.hypot(se1 * np.sqrt(199 / 200), se2 * np.sqrt(119 / 120)) / 2,
                                **MONTE_CARLO)
@@ -195,4 +196,5 @@ def test_average_over_domains():
     assert (zero.estimate, zero.low, zero.high) == (0.0, 0.0, 0.0)
     ya, yb, n = _methods(0.03, seed=11)
     d = stats.average_over_domains([(yb, n), (yb, n)], [(ya, n), (ya, n)], n_boot=2000)
-    assert d.excludes_zero and d.estimate == pytest.approx(stats.accuracy(yb, n) - stats.accuracy(ya, n), abs=1e-15)
+    assert d.excludes_zero and d.estimate == pytest.approx(stats.accuracy(yb, n) - stats.accuracy(ya, n),
+                                                           **APPROX_FLOAT64)

@@ -21,6 +21,10 @@ TOL = {
     jnp.dtype(jnp.bfloat16): dict(rtol=2e-2, atol=2e-2),
 }
 
+# TOL's float64 row as pytest.approx keywords, for Python floats and lists of them: means,
+# ratios and differences of counts computed two ways in float64 (exact up to rounding).
+APPROX_FLOAT64 = dict(rel=TOL[jnp.dtype(jnp.float64)]["rtol"], abs=TOL[jnp.dtype(jnp.float64)]["atol"])
+
 # Relative to the largest magnitude of the reference (atol = rtol * max(1, max|expected|)):
 # for gradients that are differences of long dot products (the merge kernels' logit
 # gradient), where entries near zero carry the absolute error of the big ones.
@@ -46,6 +50,10 @@ DEQUANTIZED_VS_TRANSFORMERS = dict(rtol=1e-6, atol=1e-7)
 # theirs| / max |theirs| after 30 layers of float32 in two orders of summation (measured
 # 3.6e-6 when it was added); 1e-4 leaves room for other CPUs' and libraries' summation orders.
 TRANSFORMERS_LOGITS_RTOL = 1e-4
+
+# Numbers printed with 3 decimals and parsed back: half a unit of the last digit (5e-4) plus
+# the float32 rounding of the value printed.
+PRINTED_3_DECIMALS = dict(rtol=0.0, atol=6e-4)
 
 # Monte Carlo estimates (bootstrap standard errors from ~4k-20k replicates) against their exact
 # or analytic values: the estimate of a standard deviation from B replicates has relative error
