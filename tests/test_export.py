@@ -3,10 +3,11 @@ loaded back by peft and transformers themselves (Python 3.11 env,
 tests/crosscheck/arch_reference.py) with the same float32 logits; MoDE runs refused by
 name and loaded back in one call; bad input one line, exit 2, nothing written.
 
-The runs are real: a tiny random Qwen2 backbone (q/k/v biases) saved as a Hugging Face
-directory with a BPE tokenizer trained on the user's own files (tests/tiny_hf.py),
-`data build --domain`, then `finetune --method lora|full` and `train-expert`, all through
-the CLI.
+The runs are real and are issue 15's end-to-end case: a tiny random Qwen2 (q/k/v biases)
+that transformers creates and saves, a BPE tokenizer trained on the user's own files
+(tests/tiny_hf.py), `data build --domain` on two of them, two experts trained
+(`train-expert`), composed and evaluated, and the `finetune --method lora|full`
+baselines, all through the CLI; then the exports.
 """
 
 from __future__ import annotations
@@ -15,16 +16,13 @@ import json
 import re
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from mode_jax.cli import main
 from mode_jax.export import HF_MODULES, load_run
-from mode_jax.hf_loader import save_hf_dir
-from mode_jax.ref.config import LlamaConfig
-from mode_jax.ref.llama import init_llama, llama_forward
+from mode_jax.ref.llama import llama_forward
 from tests import tiny_hf
 from tests.crosscheck_setup import py311  # noqa: F401 (fixture)
 from tests.test_crosscheck_arch import run_reference
@@ -33,27 +31,31 @@ from tests.tolerances import assert_close
 TEXT = "Recipe 7: mix 3 cups of flour with 2 eggs, bake for 40 minutes."
 
 
-def _qwen2_base(path: Path, tok) -> Path:
-    """A tiny random Qwen2 (4 layers, width 32, biases of a few tenths) with `tok`."""
-    cfg = LlamaConfig.tiny(vocab_size=tok.get_vocab_size(), qkv_bias=True, rope_theta=1e6, norm_eps=1e-6,
-                           max_seq_len=512)
-    params = jax.tree.map(np.asarray, init_llama(jax.random.key(7), cfg))
-    rng = np.random.default_rng(7)
-    for layer in params["layers"]:
-        for b in ("bq", "bk", "bv"):
-            layer[b] = (0.5 * rng.standard_normal(layer[b].shape)).astype(np.float32)
-    save_hf_dir(params, cfg, path)
+def _qwen2_base(path: Path, tok, python) -> Path:
+    """A tiny random Qwen2 (4 layers, width 32, tied head, q/k/v biases) that transformers
+    itself creates and saves (Qwen2Config -> Qwen2ForCausalLM.save_pretrained), with `tok`."""
+    config = {"vocab_size": tok.get_vocab_size(), "hidden_size": 32, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+              "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+              "rope_theta": 1e6}
+    work = path.parent / "make"
+    work.mkdir()
+    run_reference(python, {"make": [{"name": "base", "model_type": "qwen2", "config": config, "seed": 5,
+                                     "dir": str(path), "shard_size": None, "gguf": str(work / "base.gguf"),
+                                     "tokens": [[1, 2, 3]], "prompt": [1], "new_tokens": 1}]}, work)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": tiny_hf.EOS}))
     return path
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, py311):  # noqa: F811
+    """The issue's end-to-end case: two domains of the user's own files on a transformers-made
+    Qwen2; two experts trained and composed, evaluated; LoRA and full fine-tuning baselines."""
     root = tmp_path_factory.mktemp("export")
     jsonl, folder = tiny_hf.write_corpora(root / "src")
     tok = tiny_hf.train_tokenizer(tiny_hf.recipes() + tiny_hf.forecasts())
-    base = _qwen2_base(root / "qwen2", tok)
+    base = _qwen2_base(root / "qwen2", tok, py311)
     data = root / "data"
     assert main(["data", "build", "--out", str(data), "--model", str(base), "-q", "--split", "0.1,0.3",
                  "--domain", f"recipes={jsonl}:body", "--domain", f"weather={folder}"]) == 0
@@ -62,7 +64,11 @@ def runs(tmp_path_factory):
               "--quiet"]
     for method in ("lora", "full"):
         assert main(["finetune", "--method", method, "--steps", "6", "--out", str(root / method), *common]) == 0
-    assert main(["train-expert", "--domain", "recipes", "--steps", "4", "--out", str(root / "expert"), *common]) == 0
+    for d in ("recipes", "weather"):
+        assert main(["train-expert", "--domain", d, "--steps", "4", "--out", str(root / d), *common]) == 0
+    experts = [str(root / d / f"expert-{d}.safetensors") for d in ("recipes", "weather")]
+    assert main(["compose", "--experts", *experts, "--steps", "4", "--out", str(root / "mode"), *common]) == 0
+    assert main(["eval", "--run", str(root / "mode"), "--out", str(root / "eval"), "--quiet"]) == 0
     return {"root": root, "base": base, "tok": tok}
 
 
@@ -118,19 +124,27 @@ def test_full_and_merged_runs_load_in_transformers_with_the_same_logits(runs, ex
 
 
 @pytest.mark.slow
-def test_mode_run_is_refused_and_loads_back_in_one_call(runs, tmp_path, capsys):
-    expert_run = runs["root"] / "expert"
-    for to in ("peft", "hf"):
-        assert main(["export", "--run", str(expert_run), "--to", to, str(tmp_path / to)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "MoDE" in err and "mode-jax's format" in err and "load_run" in err
-        assert not (tmp_path / to).exists()
-    loaded = load_run(expert_run)
-    assert loaded.method == "stage1" and "blocks" in loaded.params
-    assert set(loaded.params["blocks"][0]["experts"][0][0]) >= {"bq", "bk", "bv"}
+def test_mode_runs_are_refused_and_load_back_in_one_call(runs, tmp_path, capsys):
+    root = runs["root"]
+    for run, method in (("recipes", "stage1"), ("mode", "stage2")):
+        for to in ("peft", "hf"):
+            assert main(["export", "--run", str(root / run), "--to", to, str(tmp_path / to)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"MoDE run (method {method})" in err
+            assert "mode-jax's format" in err and "load_run" in err
+            assert not (tmp_path / to).exists()
+    loaded = load_run(root / "mode")
+    assert loaded.method == "stage2" and len(loaded.params["blocks"][0]["experts"]) == 2
+    assert set(loaded.params["blocks"][0]["experts"][1][0]) >= {"bq", "bk", "bv"}     # Qwen2's biases
     tokens = np.arange(12, dtype=np.int32).reshape(1, 12)
     logits = loaded.logits(tokens)
+    plain = np.asarray(llama_forward(loaded.params["backbone"], tokens, loaded.config))
     assert np.isfinite(logits).all() and logits.shape == (1, 12, loaded.config.vocab_size)
+    assert np.abs(logits - plain).max() > 1e-4           # the experts and gates are in there
+    # The composed run, evaluated again from its directory, scores what it reported.
+    composed = json.loads((root / "mode" / "result.json").read_text())
+    assert composed["domains_trained"] == ["recipes", "weather"]
+    assert json.loads((root / "eval" / "result.json").read_text())["domains"] == composed["domains"]
 
 
 @pytest.mark.slow
