@@ -223,7 +223,8 @@ def decode_step(prepared: dict, cache: dict, token: jax.Array, write: jax.Array,
     return sample(step_key(key, step), logits, sampling), logits, routing, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "max_new", "keep_logits", "unroll"))
+@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "max_new", "keep_logits", "unroll"),
+                   donate_argnames=("cache",))
 def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax.Array, first_routing: jax.Array,
                 start: jax.Array, pad: jax.Array, key: jax.Array, eos_id: jax.Array, *, cfg: LlamaConfig,
                 fast: FastConfig, sampling: SamplingConfig, max_new: int, keep_logits: bool = False,
@@ -232,7 +233,8 @@ def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax
     in one `lax.while_loop` that ends early once every row has emitted `eos_id` (-1: none).
     -> (tokens [B, max_new] (after a row's EOS: EOS), routing [B, max_new, n_blocks, E]
     (the gate of the position that predicted each token), logits [B, max_new, V] or None,
-    steps taken).
+    steps taken, the cache). The cache is donated: returned, the loop updates it in place
+    instead of first copying it.
 
     `unroll` decode steps run per loop iteration (fewer loop-condition round trips to the
     host on a GPU); up to unroll - 1 steps past max_new are computed and dropped, so the
@@ -265,10 +267,10 @@ def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax
             carry = one_step(carry)
         return carry
 
-    steps, _, tokens, routing, logits_out, _ = lax.while_loop(
+    steps, cache, tokens, routing, logits_out, _ = lax.while_loop(
         cond, body, (jnp.int32(1), cache, tokens, routing, logits_out, done))
     return (tokens[:, :max_new], routing[:, :max_new], (logits_out[:, :max_new] if keep_logits else None),
-            jnp.minimum(steps, max_new))
+            jnp.minimum(steps, max_new), cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "fast"))

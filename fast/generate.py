@@ -82,7 +82,7 @@ def generate(prepared: dict, prompts: Sequence[Sequence[int]], cfg: LlamaConfig,
                                                                   size=size, **statics)
     eos = -1 if eos_id is None else int(eos_id)
     if on_token is None:
-        out, routing, logits, _ = decode.decode_loop(
+        out, routing, logits, _, _ = decode.decode_loop(
             prepared, cache, first, first_logits, first_routing, jnp.int32(tokens.shape[1]), pad_j, key,
             jnp.int32(eos), max_new=max_new_tokens, keep_logits=keep_logits, unroll=unroll, **statics)
         rows, routing = np.asarray(out).tolist(), np.asarray(routing)
