@@ -61,6 +61,11 @@ PRINTED_3_DECIMALS = dict(rtol=0.0, atol=6e-4)
 # Use as np.testing.assert_allclose(estimate, exact, **MONTE_CARLO) (fails on NaN).
 MONTE_CARLO = dict(rtol=0.05, atol=0.0)
 
+# Frequencies of n = 4000 draws from a categorical distribution against its probabilities
+# (the sampling tests): a frequency's standard deviation is at most sqrt(0.25 / n) = 0.0079,
+# and 0.04 is five of them.
+SAMPLED_FREQUENCY = dict(rtol=0.0, atol=0.04)
+
 
 def _dtype(x, dtype):
     return jnp.dtype(dtype if dtype is not None else jnp.asarray(x).dtype)
