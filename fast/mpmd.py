@@ -38,7 +38,7 @@ from mode_jax.fast import optim
 from mode_jax.fast.combine import gated_combine as platform_gated_combine
 from mode_jax.fast.config import FastConfig
 from mode_jax.fast.sharded_combine import sharded_gated_combine
-from mode_jax.fast.placement import Placement, SubMesh, even_placement  # noqa: F401  (re-exported)
+from mode_jax.fast.placement import Placement
 from mode_jax.fast.sharding import (activation_sharding, batch_axes, make_mesh, place,
                                     replicated, rules_for_axes, shardings_for)
 from mode_jax.fast.spmd import batch_shardings
@@ -134,6 +134,48 @@ class MpmdStep:
         return {"gates": init(state["gates"], opt_sh["gates"]),
                 "experts": [init(e, s) if s is not None else None
                             for e, s in zip(state["experts"], opt_sh["experts"])]}
+
+    def to_canonical(self, trainable: dict, opt_state: dict, template: dict):
+        """(trainable {"gates", "experts"}, opt_state {"gates", "experts"}) in the structure
+        one device holds them (the partition of the stacked tree, `template`, with one
+        optimizer state over it), on one device: what a checkpoint stores, so it restores
+        on any layout."""
+        ex_adam = [optim.adam_state(o) for o in opt_state["experts"]] if self.train_experts else []
+
+        def tree(gates, experts):
+            if self.train_experts:
+                blocks = self.gather({"backbone": {}, "gates": gates, "experts": experts})["blocks"]
+            else:
+                blocks = {"experts": template["blocks"]["experts"], **jax.tree.map(np.asarray, gates)}
+            return jax.device_put({**template, "blocks": blocks})
+
+        t = tree(trainable["gates"], [{"experts": e["experts"]} for e in trainable["experts"]])
+        o = optim.replace_adam(
+            opt_state["gates"],
+            lambda a: a._replace(count=jax.device_put(np.asarray(a.count)), mu=tree(a.mu, [e.mu for e in ex_adam]),
+                                 nu=tree(a.nu, [e.nu for e in ex_adam])),
+            lambda x: jax.device_put(np.asarray(x)))
+        return t, o
+
+    def from_canonical(self, trainable: dict, opt_state, frozen_experts: list) -> tuple[dict, dict]:
+        """Inverse of `to_canonical` (host arrays, for `place`); with frozen experts
+        (trainable='gates') the experts are `frozen_experts`, as placed."""
+        def parts(tree):
+            blocks = jax.tree.map(np.asarray, tree["blocks"])
+            gates = {"gate_w": blocks["gate_w"], "gate_b": blocks["gate_b"]}
+            if not self.train_experts:
+                return gates, None
+            return gates, self._split({"backbone": None, "blocks": blocks})["experts"]
+
+        gates, experts = parts(trainable)
+        t = {"gates": gates, "experts": experts if self.train_experts else frozen_experts}
+        host = lambda x: np.asarray(x)
+        o = {"gates": optim.replace_adam(opt_state, lambda a: a._replace(
+                 count=host(a.count), mu=parts(a.mu)[0], nu=parts(a.nu)[0]), host),
+             "experts": [optim.replace_adam(opt_state, lambda a, m=m: a._replace(
+                 count=host(a.count), mu=parts(a.mu)[1][m], nu=parts(a.nu)[1][m]), host)
+                 if self.train_experts else None for m in range(len(self.placement.experts))]}
+        return t, o
 
     def place_batch(self, batch: dict) -> dict:
         return place(batch, {k: self.shardings["batch"][k] for k in batch})

@@ -100,15 +100,20 @@ def adam_state(opt_state) -> optax.ScaleByAdamState:
                 if isinstance(s, optax.ScaleByAdamState))
 
 
+def replace_adam(opt_state, adam: Callable, others: Callable = lambda x: x):
+    """The state with its AdamW part `a` replaced by `adam(a)` and every other leaf (the
+    schedule's step count) by `others(leaf)`: moves a state between layouts (split over
+    MPMD meshes, gathered back)."""
+    def one(s):
+        return adam(s) if isinstance(s, optax.ScaleByAdamState) else others(s)
+    return jax.tree.map(one, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+
+
 def map_moments(opt_state, moments: Callable, others: Callable = lambda x: x):
     """The state with each params-shaped tree (AdamW's mu and nu) replaced by
-    `moments(tree)` and every other leaf (step counts) by `others(leaf)`: moves a state
-    between layouts (split over MPMD meshes, gathered back) or gives its shardings."""
-    def one(s):
-        if isinstance(s, optax.ScaleByAdamState):
-            return s._replace(count=others(s.count), mu=moments(s.mu), nu=moments(s.nu))
-        return others(s)
-    return jax.tree.map(one, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+    `moments(tree)` and every other leaf (step counts) by `others(leaf)`."""
+    return replace_adam(opt_state, lambda a: a._replace(count=others(a.count), mu=moments(a.mu),
+                                                        nu=moments(a.nu)), others)
 
 
 def shardings(params_like, param_shardings, opt: OptimConfig, scalar_sharding):

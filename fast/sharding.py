@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -211,8 +212,12 @@ def place(tree, shardings):
     so a step may donate them). Goes through host memory: every process holds the
     whole (global) value and contributes its addressable shards, so the same call
     works single- and multi-process. (`jax.device_put` to a replicated sharding
-    reuses the source device's buffer as one shard: donating it would delete `tree`.)"""
+    reuses the source device's buffer as one shard: donating it would delete `tree`.)
+    An array already laid out so (e.g. restored from a checkpoint into these shardings) is
+    copied on its devices: no process needs to hold all of it."""
     def one(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return jnp.copy(x)
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
     return jax.tree.map(one, tree, shardings)

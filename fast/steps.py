@@ -11,7 +11,8 @@ inside a step are chosen per platform in fast/combine.py and fast/attention.py):
 Every backend holds params in the stacked layout of `fast/params.py` (the "ref"
 backend unstacks them inside its jitted step), trains with `fast/optim.py`'s optax
 AdamW and keeps its optimizer state in the same structure ("ref", "fast" and "spmd"
-identically; MPMD per sub-mesh), and runs `fast/train.py`'s `step` (MPMD: its own
+identically; MPMD per sub-mesh, converted to that structure for checkpoints by
+`Steps.state_out` / `state_in`), and runs `fast/train.py`'s `step` (MPMD: its own
 per-mesh backward, then the same optimizer). The peak learning rate is a traced input
 of the compiled step, so steps built for another learning rate reuse the compilation.
 The loops of `mode_jax/pipeline/engine.py` drive a `Steps` without knowing which
@@ -61,6 +62,12 @@ class Steps:
     split: Callable = lambda params, trainable: partition(params, trainable)
     join: Callable = lambda trainable, frozen: merge(trainable, frozen)
     place: Callable = lambda trainable, opt_state: (trainable, opt_state)
+    # What a checkpoint holds: state_out (trainable, opt_state) -> the same in the structure
+    # one device holds them (every backend's is then one: a checkpoint restores on any
+    # layout); state_in is its inverse, before `place`. Identities but for MPMD, whose
+    # state lives per sub-mesh.
+    state_out: Callable = lambda trainable, opt_state: (trainable, opt_state)
+    state_in: Callable = lambda trainable, opt_state: (trainable, opt_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +176,12 @@ def _mpmd_steps(par, like, cfg, opt, trainable, fast, batch_size, seq_len, singl
     step = MpmdStep(like, cfg, opt, par.placement, trainable=trainable, batch_size=batch_size,
                     seq_len=seq_len, fast=fast)
     sh = step.shardings
+    template = partition(like, trainable)[0]          # the single-device trainable tree (shapes)
+    placed = {}
 
     def split(params, _):
         state = step.place(params)
+        placed["experts"] = state["experts"]          # frozen ones (trainable='gates') stay as placed
         return {"gates": state["gates"], "experts": state["experts"]}, {"backbone": state["backbone"]}
 
     def train_step(t, f, o, batch):
@@ -188,4 +198,6 @@ def _mpmd_steps(par, like, cfg, opt, trainable, fast, batch_size, seq_len, singl
     return Steps(init_opt=step.init_opt, train_step=train_step, prepare_frozen=lambda f: f,
                  backend="mpmd", from_backend=lambda p: to_ref(host(p)), split=split,
                  join=lambda t, f: step.gather({**t, **f}), place=place_all,
+                 state_out=lambda t, o: step.to_canonical(t, o, template),
+                 state_in=lambda t, o: step.from_canonical(t, o, placed["experts"]),
                  eval_step=single.eval_step, to_backend=single.to_backend)

@@ -29,7 +29,6 @@ from mode_jax.fast import loss as fast_loss
 from mode_jax.fast import model
 from mode_jax.fast import optim
 from mode_jax.fast.config import FastConfig
-from mode_jax.fast.optim import decay_mask, make_optimizer  # noqa: F401  (re-exported)
 from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
 from mode_jax.ref.methods import merge
 

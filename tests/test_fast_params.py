@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mode_jax.fast import params as P
-from mode_jax.fast.train import decay_mask
+from mode_jax.fast.optim import decay_mask
 from mode_jax.ref.config import LlamaConfig, LoraConfig, ModeConfig
 from mode_jax.ref.llama import init_llama, layer_shapes, param_shapes
 from mode_jax.ref.methods import METHODS, TRAINABLE, init_method, partition

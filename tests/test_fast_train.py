@@ -22,6 +22,7 @@ from mode_jax.fast import params as P
 from mode_jax.fast import steps as S
 from mode_jax.fast import train as FT
 from mode_jax.fast.config import FastConfig
+from mode_jax.fast.optim import make_optimizer
 from mode_jax.ref import train as RT
 from mode_jax.ref.config import LlamaConfig, LoraConfig, ModeConfig, OptimConfig
 from mode_jax.ref.methods import METHODS, merge, partition
@@ -59,7 +60,7 @@ def test_optax_adamw_equals_ref_on_the_stacked_layout():
     train, _ = partition(params, "experts_and_gates")
     fast_train, _ = P.partition(to_fast_jit(params), "experts_and_gates")
     state, fast_state = adamw_init(train), FT.init_opt_state(fast_train, OPT)
-    tx = FT.make_optimizer(OPT)
+    tx = make_optimizer(OPT)
 
     @jax.jit
     def steps(train, state, fast_train, fast_state, all_grads):

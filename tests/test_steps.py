@@ -8,7 +8,8 @@
 - one eval step: the "ref" and "fast" backends agree with ref/train.py's metrics,
   per-token statistics and routing;
 - the SPMD steps take a single-device optimizer state as it is (a checkpoint moves
-  between layouts) and their next step equals the single-device one.
+  between layouts) and their next step equals the single-device one; MPMD's per-mesh
+  state converts to and from that structure exactly, with the same next step.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mode_jax.fast.sharding import make_mesh, rules_for_axes
 from mode_jax.ref import train as RT
 from mode_jax.ref.methods import METHODS, partition
 from mode_jax.ref.optim import adamw_init, adamw_update
-from tests.test_sharding_spmd import BATCH, CFG, OPT, SEQ, make_batches, make_params
+from tests.test_sharding_spmd import BATCH, CFG, MOMENT_SCALE, OPT, SEQ, make_batches, make_params
 from tests.tolerances import assert_close
 
 METHOD = "stage2"
@@ -147,3 +148,40 @@ def test_spmd_takes_the_single_device_state():
     for key in ("loss", "accuracy", "grad_norm", "lr"):
         assert_close(got[key], want[key], err_msg=key)
     jax.tree.map(lambda a, b: assert_close(np.asarray(a), b), got_t, want_t)
+
+
+def test_mpmd_state_goes_through_the_single_device_structure():
+    """MPMD's per-mesh state, as a checkpoint stores it (`state_out`), has the single-device
+    structure; a single-device state goes in (`state_in`, experts hosted out of order) and
+    out again unchanged, and the MPMD step from it equals the single-device step."""
+    params = to_fast(make_params())
+    batches = [{"tokens": b["tokens"]} for b in make_batches()]
+    single = _steps("fast")
+    par = distributed.Parallelism("mpmd", placement=distributed.parse_placement(
+        "backbone=0-3;experts=4-5:0+2,6-7:1+3"))
+    mpmd = _steps("fast", parallelism=par, params_like=to_ref(params), batch_size=BATCH, seq_len=SEQ)
+    assert mpmd.backend == "mpmd"
+    t, f = single.split(params, METHODS[METHOD])
+    t, state = jax.tree.map(jnp.copy, t), single.init_opt(t)
+    t, state, _ = single.train_step(t, single.prepare_frozen(f), state, batches[0])
+    host = jax.tree.map(np.array, (t, state))        # copies: the next step donates
+    want_t, want_state, want = single.train_step(t, single.prepare_frozen(f), state, batches[1])
+
+    mt, mf = mpmd.split(params, METHODS[METHOD])
+    fresh = mpmd.state_out(mt, mpmd.init_opt(mt))
+    assert jax.tree.structure(fresh) == jax.tree.structure(host)
+    mt, mo = mpmd.place(*mpmd.state_in(*host))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, mpmd.state_out(mt, mo)), host)
+    mt, mo, got = mpmd.train_step(mt, mpmd.prepare_frozen(mf), mo, batches[1])
+    for key in ("loss", "accuracy", "grad_norm", "lr"):
+        assert_close(got[key], want[key], err_msg=key)
+    got_t, got_state = mpmd.state_out(mt, mo)
+    jax.tree.map(lambda a, b: assert_close(np.asarray(a), b), got_t, want_t)
+    # Moments relative to their largest entry, at test_sharding_spmd.py's MOMENT_SCALE (its
+    # docstring says why): their size (~1e-4) is below the table's atol.
+    def moments_close(a, b):
+        top = float(np.max(np.abs(b))) or 1.0
+        assert_close(np.asarray(a) / top, np.asarray(b) / top, scale=MOMENT_SCALE)
+    for field in ("mu", "nu"):
+        jax.tree.map(moments_close, getattr(optim.adam_state(got_state), field),
+                     getattr(optim.adam_state(want_state), field))

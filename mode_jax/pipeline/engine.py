@@ -66,9 +66,10 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
     start, tokens_seen = 0, 0
     found = checkpoint.latest(run.checkpoints)
     if found is not None:
-        trainable, opt_state, meta = checkpoint.restore(found, trainable_template=trainable,
-                                                        opt_template=opt_state)
-        trainable, opt_state = steps.place(trainable, opt_state)
+        # Checkpoints hold the single-device structure (steps.state_out): any layout resumes.
+        t_like, opt_like = steps.state_out(trainable, opt_state)
+        trainable, opt_state, meta = checkpoint.restore(found, trainable_template=t_like, opt_template=opt_like)
+        trainable, opt_state = steps.place(*steps.state_in(trainable, opt_state))
         start, tokens_seen = meta["step"], meta["tokens_seen"]
         run.truncate_metrics(phase, start)
     n_train = param_count(trainable)
@@ -94,7 +95,8 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
 
     def save(step):
         check_state(step)       # never a checkpoint of non-finite state
-        checkpoint.save(run.checkpoints, step=step, trainable=trainable, opt_state=opt_state,
+        t_out, opt_out = steps.state_out(trainable, opt_state)
+        checkpoint.save(run.checkpoints, step=step, trainable=t_out, opt_state=opt_out,
                         meta={"phase": phase, "tokens_seen": tokens_seen, "data_position": step,
                               "seed": seed, "prng_key": [int(x) for x in np.asarray(
                                   jax.random.key_data(jax.random.key(seed)))]})
