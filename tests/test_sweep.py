@@ -17,6 +17,7 @@ import pytest
 from mode_jax.cli import main
 from mode_jax.pipeline import checkpoint, presets, sweep
 from tests.helpers import assert_refused
+from tests.tolerances import APPROX_FLOAT64
 
 GRID = """
 [sweep]
@@ -160,8 +161,9 @@ def test_sweep_kill_resume_and_report(tmp_path):
             docs = [r["result"]["domains"][d]["per_document"] for r in runs]
             expected = np.mean([sum(x["correct"]) / sum(x["tokens"]) for x in docs])
             cell = row["domains"][d]
-            assert cell["estimate"] == pytest.approx(expected, abs=1e-12)
-            assert cell["per_seed"] == pytest.approx([sum(x["correct"]) / sum(x["tokens"]) for x in docs], abs=1e-12)
+            assert cell["estimate"] == pytest.approx(expected, **APPROX_FLOAT64)
+            assert cell["per_seed"] == pytest.approx([sum(x["correct"]) / sum(x["tokens"]) for x in docs],
+                                                     **APPROX_FLOAT64)
             assert cell["low"] <= cell["estimate"] <= cell["high"] and cell["high"] > cell["low"]
             assert cell["unit"] == "document" and not cell["shared_documents"]   # synthetic: per-seed test set
     (diff,) = table["differences"]
@@ -169,7 +171,8 @@ def test_sweep_kill_resume_and_report(tmp_path):
     full = next(r for r in table["rows"] if r["name"] == "full")
     for d in table["domains"]:
         v = diff["domains"][d]
-        assert v["estimate"] == pytest.approx(lora["domains"][d]["estimate"] - full["domains"][d]["estimate"])
+        assert v["estimate"] == pytest.approx(lora["domains"][d]["estimate"] - full["domains"][d]["estimate"],
+                                             **APPROX_FLOAT64)
         assert v["excludes_zero"] == (v["low"] > 0 or v["high"] < 0)
     md = (out / "table.md").read_text()
     assert "| lora |" in md and "Paired differences against **full**" in md
@@ -261,20 +264,21 @@ def test_report_on_recorded_counts(tmp_path):
     assert main(["sweep", "report", str(tmp_path), "--baseline", "a", "--baseline", "b", "--n-boot", "400"]) == 0
     table = json.loads((tmp_path / "table.json").read_text())
     rows = {r["name"]: r["domains"]["math"] for r in table["rows"]}
-    assert rows["a"]["estimate"] == pytest.approx((21 / 30 + 21 / 30) / 2, abs=1e-15)
-    assert rows["b"]["estimate"] == pytest.approx((19 / 30 + 17 / 30) / 2, abs=1e-15)
-    assert rows["a"]["shared_documents"] and rows["a"]["per_seed"] == pytest.approx([0.7, 0.7])
+    assert rows["a"]["estimate"] == pytest.approx((21 / 30 + 21 / 30) / 2, **APPROX_FLOAT64)
+    assert rows["b"]["estimate"] == pytest.approx((19 / 30 + 17 / 30) / 2, **APPROX_FLOAT64)
+    assert rows["a"]["shared_documents"] and rows["a"]["per_seed"] == pytest.approx([0.7, 0.7], **APPROX_FLOAT64)
     diff = {(e["name"], e["baseline"]): e["domains"]["math"] for e in table["differences"]}
     ab, ba = diff[("b", "a")], diff[("a", "b")]
-    assert ab["estimate"] == pytest.approx(-ba["estimate"], abs=1e-15) == pytest.approx(-(0.7 - 0.6), abs=1e-15)
-    assert (ab["low"], ab["high"]) == pytest.approx((-ba["high"], -ba["low"]), abs=1e-15)
+    assert ab["estimate"] == pytest.approx(-ba["estimate"], **APPROX_FLOAT64)
+    assert ab["estimate"] == pytest.approx(-(0.7 - 0.6), **APPROX_FLOAT64)
+    assert (ab["low"], ab["high"]) == pytest.approx((-ba["high"], -ba["low"]), **APPROX_FLOAT64)
     assert diff[("c", "a")] is None and diff[("c", "b")] is None
     # one domain: the average is that domain, and so is its paired difference
     full = {r["name"]: r for r in table["rows"]}
     assert {k: full["a"]["avg"][k] for k in ("estimate", "low", "high")} == \
         {k: rows["a"][k] for k in ("estimate", "low", "high")}
     avg = {(e["name"], e["baseline"]): e["avg"] for e in table["differences"]}
-    assert avg[("b", "a")]["estimate"] == pytest.approx(ab["estimate"], abs=1e-15) and avg[("c", "a")] is None
+    assert avg[("b", "a")]["estimate"] == pytest.approx(ab["estimate"], **APPROX_FLOAT64) and avg[("c", "a")] is None
     md = (tmp_path / "table.md").read_text()
     assert md.count("Paired differences against") == 2 and "not paired" in md
     assert (tmp_path / "differences.png").stat().st_size > 0

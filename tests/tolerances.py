@@ -50,6 +50,9 @@ DEQUANTIZED_VS_TRANSFORMERS = dict(rtol=1e-6, atol=1e-7)
 # theirs| / max |theirs| after 30 layers of float32 in two orders of summation (measured
 # 3.6e-6 when it was added); 1e-4 leaves room for other CPUs' and libraries' summation orders.
 TRANSFORMERS_LOGITS_RTOL = 1e-4
+# The same measure for the tiny float32 models save_hf_dir writes (LlamaConfig.tiny, no quantization):
+# the float32 row's rtol.
+TINY_VS_TRANSFORMERS_RTOL = TOL[jnp.dtype(jnp.float32)]["rtol"]
 
 # Numbers printed with 3 decimals and parsed back: half a unit of the last digit (5e-4) plus
 # the float32 rounding of the value printed.
