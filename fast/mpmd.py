@@ -39,7 +39,7 @@ from mode_jax.fast.combine import gated_combine as platform_gated_combine
 from mode_jax.fast.config import FastConfig
 from mode_jax.fast.sharded_combine import sharded_gated_combine
 from mode_jax.fast.placement import Placement
-from mode_jax.fast.sharding import (activation_sharding, batch_axes, make_mesh, place,
+from mode_jax.fast.sharding import (activation_sharding, batch_axes, host, make_mesh, place,
                                     replicated, rules_for_axes, shardings_for)
 from mode_jax.fast.spmd import batch_shardings
 from mode_jax.ref.config import LlamaConfig, OptimConfig
@@ -181,14 +181,12 @@ class MpmdStep:
         return place(batch, {k: self.shardings["batch"][k] for k in batch})
 
     def gather(self, state) -> dict:
-        """The stacked tree back from the sub-meshes (host numpy; for checks)."""
+        """The stacked tree back from the sub-meshes (host numpy, gathered across processes)."""
         ids = [e for s in self.placement.experts for e in s.experts]
         order = np.argsort(ids)
-        experts = jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts], axis=1)[:, order],
-                               *[e["experts"] for e in state["experts"]])
-        gates = jax.tree.map(np.asarray, state["gates"])
-        return {"backbone": jax.tree.map(np.asarray, state["backbone"]),
-                "blocks": {"experts": experts, **gates}}
+        experts = jax.tree.map(lambda *parts: np.concatenate(parts, axis=1)[:, order],
+                               *[host(e["experts"]) for e in state["experts"]])
+        return {"backbone": host(state["backbone"]), "blocks": {"experts": experts, **host(state["gates"])}}
 
     # ------------------------------------------------------------------ per-mesh functions
     def _compile_fns(self, combine, jit):

@@ -221,3 +221,18 @@ def place(tree, shardings):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
     return jax.tree.map(one, tree, shardings)
+
+
+def host(tree):
+    """The (sharded) tree as host numpy arrays; across processes, gathered from all of them."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        # Only arrays spread over several processes are gathered: process_allgather would
+        # stack a process-local array (the frozen backbone each process holds) once per process.
+        def one(x):
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            return np.asarray(x)
+        return jax.tree.map(one, tree)
+    return jax.tree.map(np.asarray, tree)

@@ -27,14 +27,13 @@ import functools
 from typing import Callable
 
 import jax
-import numpy as np
 
 from mode_jax.fast import optim
 from mode_jax.fast import train as fast_train
 from mode_jax.fast.config import FastConfig
 from mode_jax.fast.mpmd import MpmdStep
 from mode_jax.fast.params import partition, to_fast, to_ref
-from mode_jax.fast.sharding import place
+from mode_jax.fast.sharding import host, place
 from mode_jax.fast.spmd import SpmdStep
 from mode_jax.ref import train as ref_train
 from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
@@ -133,21 +132,6 @@ def make_steps(method: str, cfg: LlamaConfig, *, opt: OptimConfig, lora: LoraCon
     like = jax.eval_shape(to_backend, params_like)
     build = _spmd_steps if parallelism.kind == "spmd" else _mpmd_steps
     return build(parallelism, like, cfg, opt, METHODS[method], fast, batch_size, seq_len, single)
-
-
-def host(tree):
-    """The (sharded) tree as host numpy arrays; across processes, gathered from all of them."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        # Only arrays spread over several processes are gathered: process_allgather would
-        # stack a process-local array (the frozen backbone each process holds) once per process.
-        def one(x):
-            if isinstance(x, jax.Array) and not x.is_fully_addressable:
-                return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-            return np.asarray(x)
-        return jax.tree.map(one, tree)
-    return jax.tree.map(np.asarray, tree)
 
 
 # Sharded steps evaluate on one device (`single.eval_step`, on the gathered model).
