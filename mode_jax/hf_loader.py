@@ -264,7 +264,7 @@ def read_hf_dir(path: str | os.PathLike) -> tuple[dict, LlamaConfig]:
 
 
 def load_hf_dir(path: str | os.PathLike, *, dtype=None) -> tuple[dict, LlamaConfig]:
-    """A Hugging Face Llama directory -> (param tree of jax arrays in `dtype`, default float32, LlamaConfig)."""
+    """`read_hf_dir`, with the params as jax arrays in `dtype` (default float32): (params, LlamaConfig)."""
     import jax
     import jax.numpy as jnp
 
