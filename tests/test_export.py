@@ -222,3 +222,35 @@ def test_peft_tensors_by_hand():
                                   [[0, 2, 4], [1, 3, 5]])
     cfg = peft_config(LoraConfig(rank=2, alpha=6.0, targets="attn"), base="/m")
     assert cfg["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"] and cfg["lora_alpha"] / cfg["r"] == 3.0
+
+
+def test_gguf_backbone_exports_with_a_tokenizer_json(tmp_path):
+    """A model whose backbone came from a GGUF file is written with the file's tokenizer as
+    tokenizer.json (+ its special tokens), which reads back as the same tokenizer."""
+    import types
+
+    import jax
+    from mode_jax.export import LoadedRun, write_hf
+    from mode_jax.gguf_loader import write_gguf
+    from mode_jax.hf_loader import read_hf_dir
+    from mode_jax.ref.config import LlamaConfig
+    from mode_jax.ref.llama import init_llama
+    from mode_jax.tokenizer import load_hf_tokenizer, load_tokenizer
+    from tests.test_tokenizer import tiny_metadata
+
+    cfg = LlamaConfig.tiny(vocab_size=3 + 256 + 7, n_layers=2)
+    params = jax.tree.map(np.asarray, init_llama(jax.random.key(0), cfg))
+    gguf = write_gguf(tmp_path / "m.gguf", params, cfg, tokenizer=tiny_metadata())
+    loaded = LoadedRun(params={"backbone": params}, config=cfg, method="full", lora=None, label="full-ft",
+                       backbone=types.SimpleNamespace(kind="gguf"), source=str(gguf))
+    out = tmp_path / "out"
+    out.mkdir()
+    write_hf(out, loaded)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+    back, back_cfg = read_hf_dir(out)
+    assert back_cfg == cfg and np.array_equal(back["layers"][1]["wk"], params["layers"][1]["wk"])
+    ours, theirs = load_tokenizer(gguf), load_hf_tokenizer(out)
+    text = "the 12 thin men in the hall"
+    assert theirs.encode(text) == ours.encode(text) and len(ours.encode(text)) < len(text.encode())
+    assert (theirs.eos_id, theirs.bos_id) == (ours.eos_id, ours.bos_id) == (2, 1)
