@@ -31,7 +31,7 @@ from mode_jax.ref import train as RT
 from mode_jax.ref.methods import METHODS, partition
 from mode_jax.ref.optim import adamw_init, adamw_update
 from tests.test_sharding_spmd import BATCH, CFG, MOMENT_SCALE, OPT, SEQ, make_batches, make_params
-from tests.tolerances import assert_close
+from tests.tolerances import FLOAT32_RELATIVE, assert_close
 
 METHOD = "stage2"
 
@@ -108,7 +108,7 @@ def test_one_state_structure_and_one_compile_for_every_learning_rate():
         _, _, m = steps.train_step(t, steps.prepare_frozen(f), steps.init_opt(t), batch)
         lrs.append(float(m["lr"]))
     assert S.train_step._cache_size() == 1
-    np.testing.assert_allclose(lrs, [1e-3, 3e-4], rtol=1e-6)     # step 0 after no warmup: the peak
+    np.testing.assert_allclose(lrs, [1e-3, 3e-4], **FLOAT32_RELATIVE)     # step 0 after no warmup: the peak
 
 
 def test_one_eval_step_for_both_forwards():
@@ -122,8 +122,8 @@ def test_one_eval_step_for_both_forwards():
         for key in ("loss", "accuracy", "routing", "token_nll"):
             assert_close(got[key], want[key], err_msg=f"{backend} {key}")
         np.testing.assert_array_equal(got["token_correct"], want["token_correct"])
-        assert want["routing"].shape == (2, 5) and float(got["accuracy"]) == pytest.approx(
-            float(np.mean(got["token_correct"])), abs=1e-6)
+        assert want["routing"].shape == (2, 5)
+        assert_close(got["accuracy"], np.mean(got["token_correct"]), dtype=np.float32, scale=0.1)
 
 
 def test_spmd_takes_the_single_device_state():

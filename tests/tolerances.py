@@ -21,6 +21,10 @@ TOL = {
     jnp.dtype(jnp.bfloat16): dict(rtol=2e-2, atol=2e-2),
 }
 
+# A float32 scalar computed from exact inputs (a learning rate from its schedule): a few ulps
+# (1.2e-7) relative, and no absolute floor, which would swallow values as small as 1e-4.
+FLOAT32_RELATIVE = dict(rtol=1e-6, atol=0.0)
+
 # TOL's float64 row as pytest.approx keywords, for Python floats and lists of them: means,
 # ratios and differences of counts computed two ways in float64 (exact up to rounding).
 APPROX_FLOAT64 = dict(rel=TOL[jnp.dtype(jnp.float64)]["rtol"], abs=TOL[jnp.dtype(jnp.float64)]["atol"])
