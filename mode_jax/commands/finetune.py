@@ -1,8 +1,9 @@
 """`mode-jax finetune --method full|lora`: the paper's baselines, on the same mixture and budget.
 
 Both train on the mixture of the target domains (domains.targets, equal rows per
-domain) for train.steps steps of train.batch_size rows, the same token budget as
-`compose`:
+domain) for train.steps steps of train.batch_size rows, the budget of `compose`'s stage 2
+(a composed MoDE has also seen its experts' stage-1 tokens; the sweep's token-matched
+budget gives the baselines those too):
   full   every backbone weight (embedding and LM head included), learning rate lr.full
   lora   low-rank adapters W + (alpha / rank) A B on the attention projections
          (lora.targets = "attn", rank lora.rank = 16: the paper's best), lr.lora

@@ -97,7 +97,7 @@ class LoraSection:
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     stage1_steps: int = 100        # per expert, on its own domain
-    steps: int = 100               # stage 2 and baselines, on the mixture: the same token budget for all
+    steps: int = 100               # stage 2 and baselines, on the mixture (stage 1 comes on top for composed MoDE)
     batch_size: int = 8            # rows per step (a multiple of the number of mixture domains)
     warmup_steps: int = 10
     min_lr_ratio: float | None = None   # None: OptimConfig's default, as for the next two
