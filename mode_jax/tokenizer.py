@@ -58,7 +58,10 @@ GPT2_PRE = ("gpt2", "default", "mpt", "olmo", "jais")
 LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx")
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-SUPPORTED_PRE = DIGIT_SPLIT_PRE + GPT2_PRE + LLAMA3_PRE
+# ... and Qwen2's: Llama 3's regex with single digits (`\p{N}` for `\p{N}{1,3}`), as its tokenizer.json.
+QWEN2_PRE = ("qwen2",)
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+SUPPORTED_PRE = DIGIT_SPLIT_PRE + GPT2_PRE + LLAMA3_PRE + QWEN2_PRE
 
 # The metadata a byte-level BPE tokenizer needs.
 REQUIRED_FIELDS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
@@ -181,9 +184,9 @@ def _pre_tokenizer(pre: str):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in DIGIT_SPLIT_PRE:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in LLAMA3_PRE:
+    if pre in LLAMA3_PRE + QWEN2_PRE:
         return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_LLAMA3_REGEX if pre in LLAMA3_PRE else _QWEN2_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     return byte_level
 

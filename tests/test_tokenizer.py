@@ -68,6 +68,18 @@ def test_digit_split_pre_tokenizer(tiny):
     assert [gpt2.token(i) for i in gpt2.encode("=  4")] == ["=", "Ġ", "Ġ", "4"]
 
 
+def test_qwen2_pre_tokenizer_splits_single_digits():
+    # Qwen2's regex is Llama 3's with \p{N} for \p{N}{1,3}: "1234" is four pieces before BPE
+    # (so the "12" merge cannot apply), where Llama 3 cuts "123" | "4" and merges "12" + "3".
+    qwen2 = tokenizer_from_metadata(tiny_metadata(pre="qwen2"))
+    llama3 = tokenizer_from_metadata(tiny_metadata(pre="llama3"))
+    assert [qwen2.token(i) for i in qwen2.encode("in 1234")] == ["in", "Ġ", "1", "2", "3", "4"]
+    assert [llama3.token(i) for i in llama3.encode("in 1234")] == ["in", "Ġ", "12", "3", "4"]
+    # A space run before a digit: the regex's \s+(?!\S) takes all but the last space, then \s+ it.
+    assert [qwen2.token(i) for i in qwen2.encode("=  4")] == ["=", "Ġ", "Ġ", "4"]
+    assert qwen2.decode(qwen2.encode("x = 12345\n")) == "x = 12345\n"
+
+
 def test_pre_tokenizer_override(tiny):
     meta = tiny_metadata(pre="smollm")
     assert tokenizer_from_metadata(meta, pre_tokenizer="gpt2").pre_tokenizer == "gpt2"
