@@ -96,13 +96,13 @@ def _tokenizer(source: str):
     if source == "tiny":
         return ByteTokenizer(), None
     from mode_jax.pipeline.sources import model_path_for
-    from mode_jax.tokenizer import model_tokenizer
+    from mode_jax.model_io.tokenizer import model_tokenizer
     path = model_path_for(source)
     if path.is_dir():
         config = path / "tokenizer_config.json"
         template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
     else:
-        from mode_jax.gguf_loader import gguf_field, open_gguf
+        from mode_jax.model_io.gguf_loader import gguf_field, open_gguf
         template = gguf_field(open_gguf(path), "tokenizer.chat_template")
     return model_tokenizer(path), template if isinstance(template, str) else None
 

@@ -190,7 +190,7 @@ def write_peft(path: Path, adapters: dict, lora: LoraConfig, *, base: str | None
 
 def write_hf(path: Path, loaded: LoadedRun) -> None:
     """The whole model (a LoRA run's adapters merged in) as a transformers directory."""
-    from mode_jax.hf_loader import save_hf_dir
+    from mode_jax.model_io.hf_loader import save_hf_dir
     from mode_jax.ref.lora import lora_merge
 
     backbone = loaded.params["backbone"]
@@ -210,7 +210,7 @@ def _write_tokenizer(path: Path, loaded: LoadedRun) -> None:
                 shutil.copyfile(src, path / name)
     elif kind in ("gguf", "fetched"):
         from mode_jax.pipeline.sources import model_path_for
-        from mode_jax.tokenizer import model_tokenizer
+        from mode_jax.model_io.tokenizer import model_tokenizer
         tok = model_tokenizer(model_path_for(loaded.source))
         tok.backend.save(str(path / "tokenizer.json"))
         special = {"bos_token": tok.token(tok.bos_id), "eos_token": tok.token(tok.eos_id)}

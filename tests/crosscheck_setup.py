@@ -97,7 +97,7 @@ def py311() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from mode_jax.fetch import cached_model
+    from mode_jax.model_io.fetch import cached_model
 
     path = cached_model("smollm2-135m")
     if path is None:
@@ -108,7 +108,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_gguf):
-    from mode_jax.tokenizer import load_tokenizer
+    from mode_jax.model_io.tokenizer import load_tokenizer
 
     return load_tokenizer(smollm2_gguf)
 
@@ -116,14 +116,14 @@ def smollm2_tokenizer(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_gpt2_tokenizer(smollm2_gguf):
     """The same vocabulary with GPT-2's pre-tokenizer alone (what transformers' GGUF loader builds)."""
-    from mode_jax.tokenizer import load_tokenizer
+    from mode_jax.model_io.tokenizer import load_tokenizer
 
     return load_tokenizer(smollm2_gguf, pre_tokenizer="gpt2")
 
 
 @pytest.fixture(scope="session")
 def smollm2_model(smollm2_gguf):
-    from mode_jax.gguf_loader import load_gguf
+    from mode_jax.model_io.gguf_loader import load_gguf
 
     return load_gguf(smollm2_gguf, progress=False)
 
@@ -237,7 +237,7 @@ def _tiny_hf_dirs(root: Path) -> list:
     """Two tiny random models (tied and untied head) saved with save_hf_dir, plus tokens."""
     import jax
 
-    from mode_jax.hf_loader import save_hf_dir
+    from mode_jax.model_io.hf_loader import save_hf_dir
     from mode_jax.ref.config import LlamaConfig
     from mode_jax.ref.llama import init_llama
 

@@ -23,8 +23,8 @@ import pytest
 from mode_jax.fast import model as fast_model
 from mode_jax.fast import params as fast_params
 from mode_jax.fast.config import FastConfig
-from mode_jax.gguf_loader import read_gguf
-from mode_jax.hf_loader import read_hf_dir, save_hf_dir
+from mode_jax.model_io.gguf_loader import read_gguf
+from mode_jax.model_io.hf_loader import read_hf_dir, save_hf_dir
 from mode_jax.ref.config import LlamaConfig, RopeScaling
 from mode_jax.ref.llama import init_llama, llama_forward
 from tests.crosscheck_setup import py311  # noqa: F401 (fixture)

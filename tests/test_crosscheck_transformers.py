@@ -72,7 +72,7 @@ def test_model_prefers_digit_split_tokenization(crosscheck):
 
 
 def test_decode_round_trip_and_matches_transformers(crosscheck, smollm2_tokenizer):
-    from mode_jax.tokenizer import bytes_to_unicode
+    from mode_jax.model_io.tokenizer import bytes_to_unicode
 
     tok = smollm2_tokenizer
     vocab_bytes = {b for b, ch in bytes_to_unicode().items() if tok.backend.token_to_id(ch) is not None}

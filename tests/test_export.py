@@ -231,11 +231,11 @@ def test_gguf_backbone_exports_with_a_tokenizer_json(tmp_path):
 
     import jax
     from mode_jax.export import LoadedRun, write_hf
-    from mode_jax.gguf_loader import write_gguf
-    from mode_jax.hf_loader import read_hf_dir
+    from mode_jax.model_io.gguf_loader import write_gguf
+    from mode_jax.model_io.hf_loader import read_hf_dir
     from mode_jax.ref.config import LlamaConfig
     from mode_jax.ref.llama import init_llama
-    from mode_jax.tokenizer import load_hf_tokenizer, load_tokenizer
+    from mode_jax.model_io.tokenizer import load_hf_tokenizer, load_tokenizer
     from tests.test_tokenizer import tiny_metadata
 
     cfg = LlamaConfig.tiny(vocab_size=3 + 256 + 7, n_layers=2)

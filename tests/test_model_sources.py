@@ -16,7 +16,7 @@ import pytest
 from mode_jax.cli import main
 from mode_jax.data import store
 from mode_jax.pipeline import expert_io, presets, sources
-from mode_jax.tokenizer import vocab_hash
+from mode_jax.model_io.tokenizer import vocab_hash
 from tests import tiny_hf
 from tests.helpers import assert_refused
 from tests.crosscheck_setup import smollm2_gguf, smollm2_tokenizer  # noqa: F401 (fixtures)
@@ -105,7 +105,7 @@ def test_data_from_another_tokenizer_is_refused(world, tmp_path, capsys):
 
 
 def _tok(model_dir):
-    from mode_jax.tokenizer import load_hf_tokenizer
+    from mode_jax.model_io.tokenizer import load_hf_tokenizer
     return load_hf_tokenizer(model_dir)
 
 

@@ -6,7 +6,7 @@ backbone saved as a Hugging Face directory; `data build --domain` -> `train-expe
 The expected token files are recomputed independently: the split from the documented
 hash rule, the ids from the `tokenizers` library reading the same tokenizer.json.
 
-The same workflow runs twice: on a tiny random Llama written by mode_jax.hf_loader (fast,
+The same workflow runs twice: on a tiny random Llama written by mode_jax.model_io.hf_loader (fast,
 no other environment), and on a tiny random Qwen2 that transformers itself creates and
 saves (Python 3.11 env, tests/crosscheck/arch_reference.py), where a LoRA run is also
 exported to PEFT and `PeftModel.from_pretrained` must give our logits.

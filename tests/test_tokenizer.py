@@ -5,9 +5,9 @@ test_crosscheck_transformers.py)."""
 import numpy as np
 import pytest
 
-from mode_jax.gguf_loader import ModelFileError, write_gguf
+from mode_jax.model_io.gguf_loader import ModelFileError, write_gguf
 from mode_jax.ref.config import LlamaConfig
-from mode_jax.tokenizer import (REQUIRED_FIELDS, TOKEN_CONTROL, TOKEN_NORMAL, Tokenizer, bytes_to_unicode,
+from mode_jax.model_io.tokenizer import (REQUIRED_FIELDS, TOKEN_CONTROL, TOKEN_NORMAL, Tokenizer, bytes_to_unicode,
                                 load_tokenizer, tokenizer_from_metadata)
 from tests.crosscheck_setup import smollm2_gguf, smollm2_tokenizer  # noqa: F401 (fixtures)
 
@@ -185,7 +185,7 @@ def test_vocab_hash_by_hand(tmp_path):
     from tokenizers import Tokenizer as Backend
     from tokenizers import models
 
-    from mode_jax.tokenizer import vocab_hash
+    from mode_jax.model_io.tokenizer import vocab_hash
     tok = Tokenizer(Backend(models.WordLevel(vocab={"b": 1, "a": 0, "é": 2}, unk_token="a")), bos_id=0, eos_id=1)
     assert vocab_hash(tok) == hashlib.sha256('[[0,"a"],[1,"b"],[2,"é"]]'.encode()).hexdigest()
     other = Tokenizer(Backend(models.WordLevel(vocab={"b": 0, "a": 1, "é": 2}, unk_token="a")), bos_id=0, eos_id=1)
@@ -202,7 +202,7 @@ def _hf_dir(tmp_path, tiny, **configs):
 
 
 def test_tokenizer_json_agrees_with_the_gguf_metadata(tiny, tmp_path):
-    from mode_jax.tokenizer import load_hf_tokenizer, model_tokenizer, vocab_hash
+    from mode_jax.model_io.tokenizer import load_hf_tokenizer, model_tokenizer, vocab_hash
     path = _hf_dir(tmp_path, tiny, config={"eos_token_id": [2, 0], "bos_token_id": 1, "vocab_size": 300})
     hf = load_hf_tokenizer(path)
     assert (hf.eos_id, hf.bos_id, hf.vocab_size) == (2, 1, tiny.vocab_size)
@@ -212,7 +212,7 @@ def test_tokenizer_json_agrees_with_the_gguf_metadata(tiny, tmp_path):
 
 
 def test_tokenizer_config_names_the_eos(tiny, tmp_path):
-    from mode_jax.tokenizer import load_hf_tokenizer
+    from mode_jax.model_io.tokenizer import load_hf_tokenizer
     path = _hf_dir(tmp_path, tiny, tokenizer_config={"eos_token": {"content": "<|im_end|>"}})
     assert load_hf_tokenizer(path / "tokenizer.json").eos_id == 2
 
@@ -223,13 +223,13 @@ def test_tokenizer_config_names_the_eos(tiny, tmp_path):
     ({"config": {"eos_token_id": 2, "vocab_size": 100}}, "does not fit the model's embedding"),
 ])
 def test_hf_tokenizer_errors(tiny, tmp_path, configs, message):
-    from mode_jax.tokenizer import load_hf_tokenizer
+    from mode_jax.model_io.tokenizer import load_hf_tokenizer
     with pytest.raises(ModelFileError, match=message):
         load_hf_tokenizer(_hf_dir(tmp_path, tiny, **configs))
 
 
 def test_unreadable_or_missing_tokenizer_json(tmp_path):
-    from mode_jax.tokenizer import load_hf_tokenizer
+    from mode_jax.model_io.tokenizer import load_hf_tokenizer
     with pytest.raises(ModelFileError, match="has no tokenizer.json"):
         load_hf_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")

@@ -2,7 +2,7 @@
 the forms `mode-jax data build --domain` reads (a JSON-lines file, a folder of text files),
 a byte-level BPE tokenizer trained on them with `tokenizers`, and a tiny random Llama saved
 as a Hugging Face directory (config.json, model.safetensors, tokenizer.json,
-tokenizer_config.json) by mode_jax.hf_loader's writer."""
+tokenizer_config.json) by mode_jax.model_io.hf_loader's writer."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def write_model_dir(path: Path, tokenizer, *, seed: int = 0, vocab_size: int | N
     `vocab_size` (default the tokenizer's) sets the embedding rows."""
     import jax
 
-    from mode_jax.hf_loader import save_hf_dir
+    from mode_jax.model_io.hf_loader import save_hf_dir
     from mode_jax.ref.config import LlamaConfig
     from mode_jax.ref.llama import init_llama
     cfg = LlamaConfig.tiny(vocab_size=vocab_size or tokenizer.get_vocab_size(), d_model=32, n_layers=4,

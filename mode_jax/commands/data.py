@@ -88,7 +88,7 @@ def run_build(args) -> int:
     domains = own_sources.parse_domains([d.strip() for d in names.split(",") if d.strip()] + args.domain_specs,
                                         text_field=args.text_field)
     own = {} if args.own_split is None else {"own_fractions": _fractions(args.own_split)}
-    from mode_jax.fetch import default_cache_dir
+    from mode_jax.model_io.fetch import default_cache_dir
 
     cfg = build.BuildConfig(
         out=out, download_dir=(cache or default_cache_dir()) / "sources", domains=domains,
@@ -157,7 +157,7 @@ def _split_order(name: str):
 
 
 def _tokenizer(args, cache):
-    from mode_jax.tokenizer import vocab_hash
+    from mode_jax.model_io.tokenizer import vocab_hash
 
     if args.tokenizer == "bytes":
         from mode_jax.data.pack import ByteTokenizer
@@ -165,8 +165,8 @@ def _tokenizer(args, cache):
         tok = ByteTokenizer()
         return tok, {"kind": "bytes", "name": "bytes (test tokenizer: id = byte + 3)", "hash": vocab_hash(tok),
                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
-    from mode_jax import fetch
-    from mode_jax.tokenizer import model_tokenizer
+    from mode_jax.model_io import fetch
+    from mode_jax.model_io.tokenizer import model_tokenizer
 
     model = args.model
     if model not in fetch.MODELS and (Path(model).is_dir() or model.endswith(".json")):

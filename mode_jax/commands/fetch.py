@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mode_jax import fetch
+from mode_jax.model_io import fetch
 
 
 def register(sub) -> None:
@@ -54,7 +54,7 @@ def run(args) -> int:
 
 def _check_local(path: Path, *, quiet: bool) -> int:
     """A .gguf given by path: parse its header and model shape (no tensors are read)."""
-    from mode_jax.gguf_loader import ModelFileError, config_from_metadata, gguf_metadata, open_gguf
+    from mode_jax.model_io.gguf_loader import ModelFileError, config_from_metadata, gguf_metadata, open_gguf
 
     reader = open_gguf(fetch.resolve_model(path))
     tensors = {t.name: t for t in reader.tensors}

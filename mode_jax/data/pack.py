@@ -34,7 +34,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class TextTokenizer(Protocol):
-    """What packing needs from a tokenizer (mode_jax.tokenizer.Tokenizer fits).
+    """What packing needs from a tokenizer (mode_jax.model_io.tokenizer.Tokenizer fits).
     `encode` must add no BOS/EOS; an `encode_batch(texts)` method is used when present."""
     eos_id: int
     vocab_size: int

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mode_jax.errors import UserError
-from mode_jax.fetch import sha256_file
+from mode_jax.model_io.fetch import sha256_file
 
 
 @dataclass(frozen=True)

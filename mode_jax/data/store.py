@@ -27,12 +27,12 @@ import numpy as np
 from mode_jax.atomic import atomic_path, write_text_atomic
 from mode_jax.data.pack import STORE_DTYPES, TOKEN_DTYPE
 from mode_jax.errors import UserError
-from mode_jax.fetch import default_cache_dir, sha256_file
+from mode_jax.model_io.fetch import default_cache_dir, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "mode-jax-data/1"
 BUILD_HINT = "mode-jax data build"
-# vocab_hash of SmolLM2-135M-Instruct's tokenizer (its GGUF, pinned in mode_jax.fetch): the
+# vocab_hash of SmolLM2-135M-Instruct's tokenizer (its GGUF, pinned in mode_jax.model_io.fetch): the
 # tokenizer of every manifest that predates the "hash" field (tests/test_own_domains.py
 # recomputes it from the fetched GGUF).
 LEGACY_TOKENIZER_HASH = "cacfb388aaf43ea87273192c89695af361ae0821bb832a6ef7a164045837df3e"

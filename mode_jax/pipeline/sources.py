@@ -4,7 +4,7 @@ Backbone: `load_backbone(cfg.model)` -> `Backbone(params, config, fingerprint, n
   * a model name known to `mode-jax fetch` (must already be in the cache: this never
     downloads, it says which command does), or a `.gguf` path: dequantized to float32;
   * a Hugging Face directory (config.json, single or sharded *.safetensors, tokenizer.json):
-    mode_jax.hf_loader;
+    mode_jax.model_io.hf_loader;
   * "tiny": a random `LlamaConfig.tiny` model (smoke runs and tests; no downloads).
 The fingerprint is a sha256 over every backbone tensor (names, shapes, float32 bytes):
 what an expert file records so that it is never composed onto another backbone.
@@ -82,7 +82,7 @@ def tiny_config(*, d_model: int, n_layers: int, vocab_size: int) -> LlamaConfig:
 
 def model_kind(source: str) -> str:
     """"tiny", "fetched" (a name from `mode-jax fetch --list`), "hf" (a directory) or "gguf" (a file)."""
-    from mode_jax import fetch
+    from mode_jax.model_io import fetch
     if source == "tiny":
         return "tiny"
     if source in fetch.MODELS:
@@ -94,7 +94,7 @@ def check_model_available(cfg: PipelineConfig) -> None:
     """Raise UserError (naming the command that fixes it) if the backbone cannot be loaded."""
     source = cfg.model.source
     kind = model_kind(source)
-    from mode_jax import fetch
+    from mode_jax.model_io import fetch
     if kind == "fetched" and fetch.cached_model(source) is None:
         raise UserError(f"model {source!r} is not in the cache ({fetch.model_path(source)}): "
                         f"run `mode-jax fetch {source}` first")
@@ -119,7 +119,7 @@ def model_tokenizer_hash(source: str) -> str | None:
     """vocab_hash of the model's own tokenizer (None for "tiny", which has none)."""
     if model_kind(source) == "tiny":
         return None
-    from mode_jax.tokenizer import model_tokenizer, vocab_hash
+    from mode_jax.model_io.tokenizer import model_tokenizer, vocab_hash
     return vocab_hash(model_tokenizer(model_path_for(source)))
 
 
@@ -131,11 +131,11 @@ def _load_backbone_cached(source: str, seed: int, d_model: int, n_layers: int, v
         params = init_llama(jax.random.key(seed), cfg)
         name = f"tiny(seed={seed}, d_model={d_model}, n_layers={n_layers}, vocab={vocab})"
     elif model_kind(source) == "hf":
-        from mode_jax.hf_loader import load_hf_dir
+        from mode_jax.model_io.hf_loader import load_hf_dir
         params, cfg = load_hf_dir(source)
         name = Path(source).resolve().name
     else:
-        from mode_jax.gguf_loader import load_gguf
+        from mode_jax.model_io.gguf_loader import load_gguf
         path = model_path_for(source)
         params, cfg = load_gguf(path, progress=progress)
         name = source if model_kind(source) == "fetched" else Path(source).name
@@ -144,7 +144,7 @@ def _load_backbone_cached(source: str, seed: int, d_model: int, n_layers: int, v
 
 
 def model_path_for(source: str) -> Path:
-    from mode_jax import fetch
+    from mode_jax.model_io import fetch
     if source in fetch.MODELS:
         found = fetch.cached_model(source)
         if found is None:
@@ -248,7 +248,7 @@ def check_tokenizer_matches(cfg: PipelineConfig) -> None:
         return
     from mode_jax.data.pack import ByteTokenizer
     from mode_jax.data.store import read_manifest, tokenizer_hash
-    from mode_jax.tokenizer import vocab_hash
+    from mode_jax.model_io.tokenizer import vocab_hash
     if cfg.data.source == "synthetic":
         have, what, name = vocab_hash(ByteTokenizer()), "synthetic data", "the byte test tokenizer"
     else:

@@ -120,7 +120,7 @@ def main(request_path: str, out_dir: str) -> None:
                "digits_tokens": len(rows[2 * k + 1]) - 1} for k in range(len(rows) // 2)]
     timings["log_likelihood"] = time.time() - t0
 
-    # --- tiny Hugging Face directories written by mode_jax.hf_loader.save_hf_dir
+    # --- tiny Hugging Face directories written by mode_jax.model_io.hf_loader.save_hf_dir
     t0 = time.time()
     for i, spec in enumerate(request.get("hf_dirs", [])):
         tiny = LlamaForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()

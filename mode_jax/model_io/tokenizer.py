@@ -44,7 +44,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mode_jax.gguf_loader import ModelFileError, gguf_field, open_gguf
+from mode_jax.model_io.gguf_loader import ModelFileError, gguf_field, open_gguf
 
 # llama.cpp token types (tokenizer.ggml.token_type).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mode_jax.atomic import atomic_path, write_text_atomic
-from mode_jax.gguf_loader import ModelFileError
+from mode_jax.model_io.gguf_loader import ModelFileError
 from mode_jax.integrity import check_finite
 from mode_jax.ref.config import LlamaConfig, RopeScaling
 from mode_jax.ref.llama import check_params
@@ -192,7 +192,7 @@ def read_hf_dir(path: str | os.PathLike) -> tuple[dict, LlamaConfig]:
     included) of float32 numpy arrays; cfg: its LlamaConfig, from config.json. Weights are
     one `*.safetensors` file or shards listed by `model.safetensors.index.json`. The
     tokenizer is not read here: it is `tokenizer.json` beside config.json
-    (`mode_jax.tokenizer`). Every problem is a one-line ModelFileError (a UserError)."""
+    (`mode_jax.model_io.tokenizer`). Every problem is a one-line ModelFileError (a UserError)."""
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, for bf16 checkpoints)
     from safetensors import SafetensorError, safe_open
 
