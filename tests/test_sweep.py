@@ -83,17 +83,17 @@ def test_grid_expansion(tmp_path):
     base = presets.load_config(preset="smoke")
     got = [(c.name, c.seed, c.cfg.lr.full, c.cfg.train.warmup_steps, c.cfg.train.steps) for c in grid.cells]
     warm, lr = base.train.warmup_steps, base.lr.full
-    assert got == [("full lr=0.001", 0, 1e-3, 2, 6), ("full lr=0.001", 1, 1e-3, 2, 6),
-                   ("full lr=5e-05", 0, 5e-5, 2, 6), ("full lr=5e-05", 1, 5e-5, 2, 6),
-                   ("mode-2x", 0, lr, warm, 6), ("mode-2x", 1, lr, warm, 6)]
-    assert [c.cfg.train.seed for c in grid.cells] == [0, 1] * 3
-    assert grid.cells[4].cfg.mode.gate_margin == 4.0 and grid.cells[0].cfg.mode.gate_margin == base.mode.gate_margin
+    # seed-major: a sweep stopped part-way holds whole seeds
+    assert got == [("full lr=0.001", 0, 1e-3, 2, 6), ("full lr=5e-05", 0, 5e-5, 2, 6), ("mode-2x", 0, lr, warm, 6),
+                   ("full lr=0.001", 1, 1e-3, 2, 6), ("full lr=5e-05", 1, 5e-5, 2, 6), ("mode-2x", 1, lr, warm, 6)]
+    assert [c.cfg.train.seed for c in grid.cells] == [0, 0, 0, 1, 1, 1]
+    assert grid.cells[2].cfg.mode.gate_margin == 4.0 and grid.cells[0].cfg.mode.gate_margin == base.mode.gate_margin
     ids = [c.id for c in grid.cells]
     assert len(set(ids)) == 6 and ids == [c.id for c in sweep.load_grid(grid.path).cells]
     # --set: over sweep.set, under the cells; where the data lies is not part of a run's identity
     moved = sweep.load_grid(path, ['data.dir="/elsewhere"', "train.warmup_steps=3", "train.steps=7"])
     assert [c.cfg.data.dir for c in moved.cells] == ["/elsewhere"] * 6
-    assert [c.cfg.train.warmup_steps for c in moved.cells] == [2, 2, 2, 2, 3, 3]
+    assert [c.cfg.train.warmup_steps for c in moved.cells] == [2, 2, 3, 2, 2, 3]
     assert moved.cells[0].cfg.train.steps == 7 and moved.cells[0].id != ids[0]
     assert [c.id for c in sweep.load_grid(path, ['data.dir="/elsewhere"']).cells] == ids
 

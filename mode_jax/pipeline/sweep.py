@@ -175,7 +175,9 @@ def load_grid(path: str | Path, overrides: list[str] = ()) -> Grid:
     for base in [baseline] if isinstance(baseline, str) else baseline or []:
         if base not in names:
             raise UserError(f"{where}: sweep.baseline {base!r} is not a cell name (names: {', '.join(sorted(names))})")
-    return Grid(tuple(cells), baseline, path)
+    # Seed-major: every cell's seed 0, then seed 1, ...: a sweep stopped part-way (a time
+    # limit, a lost machine) holds whole seeds of the grid to compare, not a few cells' seeds.
+    return Grid(tuple(sorted(cells, key=lambda c: c.seed)), baseline, path)
 
 
 def _expand(spec: dict, where: str, base: dict, common: dict, seeds: list, seen: dict) -> list[Cell]:
