@@ -14,8 +14,10 @@ remat) and `fast/loss.py`'s chunked loss. Experts are a `vmap` over the stack.
     gate_merge             gate_w, gate_b, x, h_bb, h_experts -> y [B, T, D]          (eq. 1-2)
     Numerics.head_metrics  backbone, h, targets, mask         -> {"loss", "accuracy", "tokens"}
 
-The merge always stacks the finished outputs (FastConfig.merge='fused' fuses it
-with matmuls that, under MPMD, live on other meshes). The block index is a traced
+With `parts=True` the stacks stop before their last down-projection and return that
+layer's (r, u) (`fast/model.py`'s `stack_parts`), and `fused_gate_merge` mixes them
+with `fast/merge.py`'s `fused_merge`: FastConfig.merge='fused', the same function as
+`fast/model.py`'s block, split where MPMD's meshes meet. The block index is a traced
 int32, so one compiled function serves every block.
 """
 
@@ -31,6 +33,7 @@ from jax import lax
 from mode_jax.fast import loss as fast_loss
 from mode_jax.fast import model as fast_model
 from mode_jax.fast.config import FastConfig
+from mode_jax.fast.merge import fused_merge
 from mode_jax.ref.config import LlamaConfig
 from mode_jax.ref.llama import layer_forward, lm_head
 from mode_jax.ref.mode import gated_combine as ref_gated_combine
@@ -59,6 +62,14 @@ class Numerics:
         cos, sin = fast_model._rope(x.shape[1], self.cfg)
         return fast_model.scan_layers(layers, None, x, cos, sin, **fast_model._stack_kwargs(self.cfg, fast))
 
+    def stack_parts(self, layers: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, D] through a stack but its last down-projection -> (r [B, T, D], u [B, T, F])
+        of its last layer (fast/model.py's layers only: ref/'s layer is not split)."""
+        if self.fast is None:
+            raise ValueError("the fused merge needs fast/model.py's layers (a FastConfig), not ref/'s")
+        cos, sin = fast_model._rope(x.shape[1], self.cfg)
+        return fast_model.stack_parts(layers, x, cos, sin, **fast_model._stack_kwargs(self.cfg, self.fast))
+
     def head_metrics(self, backbone: dict, h: jax.Array, targets: jax.Array, mask: jax.Array | None) -> dict:
         """Final norm, LM head and next-token metrics of the last hidden state h [B, T, D]."""
         if self.fast is None:
@@ -77,14 +88,17 @@ def take_block(tree: dict, block: jax.Array, size: int = 1) -> dict:
 
 
 def backbone_block(layers: dict, x: jax.Array, block: jax.Array, *, per_block: int,
-                   num: Numerics) -> jax.Array:
-    """f_bb^i(x): block i's `per_block` backbone layers of the [L, ...] stack."""
-    return num.stack(take_block(layers, block, per_block), x)
+                   num: Numerics, parts: bool = False):
+    """f_bb^i(x): block i's `per_block` backbone layers of the [L, ...] stack; with `parts`,
+    (r, u) of its last layer instead (`Numerics.stack_parts`)."""
+    layers = take_block(layers, block, per_block)
+    return num.stack_parts(layers, x) if parts else num.stack(layers, x)
 
 
-def experts_forward(experts: dict, x: jax.Array, num: Numerics) -> jax.Array:
-    """One block's experts {key: [n, EL, ...]} on the same x -> [n, B, T, D]."""
-    return jax.vmap(lambda expert: num.stack(expert, x))(experts)
+def experts_forward(experts: dict, x: jax.Array, num: Numerics, *, parts: bool = False):
+    """One block's experts {key: [n, EL, ...]} on the same x -> [n, B, T, D]; with `parts`,
+    (r [n, B, T, D], u [n, B, T, F]) of their last layers."""
+    return jax.vmap(lambda expert: num.stack_parts(expert, x) if parts else num.stack(expert, x))(experts)
 
 
 def gate_merge(gate_w: jax.Array, gate_b: jax.Array, x: jax.Array, h_bb: jax.Array,
@@ -97,7 +111,24 @@ def gate_merge(gate_w: jax.Array, gate_b: jax.Array, x: jax.Array, h_bb: jax.Arr
     ...); the gate's columns are permuted to match (logits are [B, T, E]: cheap).
     """
     outputs = jnp.concatenate([h_bb[None], *h_experts], axis=0)                   # [E, B, T, D]
+    return combine(ordered_gate_logits(gate_w, gate_b, x, expert_order), outputs)
+
+
+def ordered_gate_logits(gate_w, gate_b, x, expert_order: tuple[int, ...] | None) -> jax.Array:
+    """Gate logits [B, T, E] with the expert columns in `expert_order` (backbone first)."""
     logits = fast_model.gate_logits(gate_w, gate_b, x)                            # [B, T, E]
     if expert_order is not None and tuple(expert_order) != tuple(range(len(expert_order))):
         logits = logits[..., jnp.array((0, *(1 + e for e in expert_order)))]
-    return combine(logits, outputs)
+    return logits
+
+
+def fused_gate_merge(gate_w: jax.Array, gate_b: jax.Array, x: jax.Array, backbone: tuple,
+                     experts: list[tuple], *, expert_order: tuple[int, ...] | None = None) -> jax.Array:
+    """`gate_merge` fused with the stacks' last down-projections (`fast/merge.py`).
+
+    backbone: (r [B, T, D], u [B, T, F], W_down [F, D]) of the block's last backbone layer;
+    experts: tuples (r [n_k, B, T, D], u [n_k, B, T, F], W_down [n_k, F, D]) whose n_k add
+    up to E - 1, rows in `expert_order` as in `gate_merge`. -> y [B, T, D].
+    """
+    r_ex, u_ex, w_ex = (jnp.concatenate(part, axis=0) for part in zip(*experts))
+    return fused_merge(ordered_gate_logits(gate_w, gate_b, x, expert_order), *backbone, r_ex, u_ex, w_ex)

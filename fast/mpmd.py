@@ -6,15 +6,28 @@ one jitted function per component and mesh, and `jax.device_put` between them.
 Async dispatch runs the meshes side by side. Per block i and step:
 
     forward   x --put--> each expert mesh: out_m, vjp_m = experts_m(x)       } run
-              h_bb, vjp_bb = backbone_i(x)  (backbone mesh)                  } concurrently
-              out_m --put--> backbone mesh; y, vjp_merge = merge(gate_i, x, h_bb, out_*)
-    backward  d_gate_i, dx, dh_bb, d_out_* = vjp_merge(dy)
+              p_bb, vjp_bb = backbone_i(x)  (backbone mesh)                  } concurrently
+              out_m --put--> backbone mesh; y, vjp_merge = merge(gate_i, x, p_bb, out_*)
+    backward  d_gate_i, dx, dp_bb, d_out_* = vjp_merge(dy)
               d_out_m --put--> mesh m: dp_m, dx_m = vjp_m(d_out_m)           } concurrently
-              dx_bb = vjp_bb(dh_bb);  dx_m --put--> backbone mesh; dy = dx + dx_bb + sum dx_m
+              dx_bb = vjp_bb(dp_bb);  dx_m --put--> backbone mesh; dy = dx + dx_bb + sum dx_m
     update    `fast/optim.py`'s AdamW (the optimizer of every layout) of the gates on the
               backbone mesh and of each mesh's experts on that mesh, all clipped by one
               global gradient norm (the meshes swap their squared norms, a few scalars),
               as one tree would be.
+
+What a stack's output `out`/`p` is follows `FastConfig.merge` (as in `fast/model.py`):
+
+    'fused'   (the default) the last layer's residual r [n, B, T, D], SwiGLU hidden
+              u [n, B, T, F] and down-projection W [n, F, D]; the backbone mesh runs
+              `fast/merge.py`'s `fused_merge` (N + 1 down-projections and the gated sum in
+              one matmul) and sends back dr, du and, when the experts train, dW.
+    'stacked' the stack's output h [n, B, T, D]; the backbone mesh runs the stacked merge
+              (the Pallas combine per batch shard) and sends back dh.
+
+The fused merge ships (D + F) / D = 3.67x the stacked merge's activation bytes each way
+(SmolLM2: F / D = 2.67), plus W, and runs every last down-projection on the backbone
+mesh; docs/distributed.md weighs this. `fast=None` (ref/'s layer math) merges stacked.
 
 Each `jax.vjp` runs inside the forward jit and returns its pullback (a pytree holding
 the residuals on that mesh), which the backward jit applies: no recomputation.
@@ -100,11 +113,21 @@ class MpmdStep:
             "gates": opt_shardings(comps["gates"], self.shardings["gates"], bb.mesh),
             "experts": [opt_shardings(e, s, m.mesh) if self.train_experts else None
                         for e, s, m in zip(comps["experts"], self.shardings["experts"], self.meshes[1:])]}
-        self.stack = [activation_sharding("stack", (len(s.experts), *shape), m.mesh, m.rules,
-                                          where=f"placement {m.name!r}")
-                      for s, m in zip(self.placement.experts, self.meshes[1:])]
-        self.stack_bb = [activation_sharding("stack", (len(s.experts), *shape), bb.mesh, bb.rules, where=where)
-                         for s in self.placement.experts]
+        # What each expert mesh's stacks hand the merge per block (module docstring), laid
+        # out on that mesh (`ship_ex`) and on the backbone mesh (`ship_bb`); the first
+        # `n_diff` of them are differentiated (their cotangents go back).
+        self.fused = fast is not None and fast.merge == "fused"
+        self.n_diff = (3 if self.train_experts else 2) if self.fused else 1
+        width = params["blocks"]["experts"]["w_up"].shape[-1]
+        def shipped(m, n):
+            on = f"placement {m.name!r}"
+            stack = activation_sharding("stack", (n, *shape), m.mesh, m.rules, where=on)       # [n, B, T, D]
+            if not self.fused:
+                return (stack,)
+            hidden_u = activation_sharding("stack", (n, batch_size, seq_len, width), m.mesh, m.rules, where=on)
+            return stack, hidden_u, replicated(m.mesh)                                          # r, u, W
+        self.ship_ex = [shipped(m, len(s.experts)) for s, m in zip(self.placement.experts, self.meshes[1:])]
+        self.ship_bb = [shipped(bb, len(s.experts)) for s in self.placement.experts]
         self._compile_fns(combine, functools.partial(jax.jit, compiler_options=compiler_options))
 
     # ------------------------------------------------------------------ layout
@@ -201,14 +224,29 @@ class MpmdStep:
         def embed(backbone, tokens):
             return jax.lax.with_sharding_constraint(num.embed(backbone, tokens[:, :-1]), bb.hidden)
 
-        def bb_fwd(layers, x, i):
-            return jax.vjp(lambda x: C.backbone_block(layers, x, i, per_block=per_block, num=num), x)
+        fused, n_diff = self.fused, self.n_diff
 
-        def merge_fwd(gates, x, h_bb, outs, i):
-            def f(w, b, x, h_bb, outs):
-                y = C.gate_merge(w, b, x, h_bb, outs, combine=merge_combine, expert_order=order)
+        def bb_fwd(layers, x, i):                 # -> (r, u) fused, (h,) stacked; its pullback
+            def f(x):
+                out = C.backbone_block(layers, x, i, per_block=per_block, num=num, parts=fused)
+                return out if fused else (out,)
+            return jax.vjp(f, x)
+
+        def merge_fwd(gates, w_down, x, p_bb, outs, i):
+            # outs: per expert mesh, what it shipped; the first n_diff are differentiated.
+            consts = [o[n_diff:] for o in outs]
+
+            def f(w, b, x, p_bb, diff):
+                ex = [d + c for d, c in zip(diff, consts)]
+                if fused:
+                    # The down-projection of the block's last backbone layer: [F, D].
+                    w_bb = jax.lax.dynamic_index_in_dim(w_down, (i + 1) * per_block - 1, 0, keepdims=False)
+                    y = C.fused_gate_merge(w, b, x, (*p_bb, w_bb), ex, expert_order=order)
+                else:
+                    y = C.gate_merge(w, b, x, p_bb[0], [e[0] for e in ex], combine=merge_combine,
+                                     expert_order=order)
                 return jax.lax.with_sharding_constraint(y, bb.hidden)
-            return jax.vjp(f, gates["gate_w"][i], gates["gate_b"][i], x, h_bb, outs)
+            return jax.vjp(f, gates["gate_w"][i], gates["gate_b"][i], x, p_bb, [o[:n_diff] for o in outs])
 
         def head(backbone, y, batch):
             def loss(y):
@@ -217,14 +255,20 @@ class MpmdStep:
             (_, metrics), dy = jax.value_and_grad(loss, has_aux=True)(y)
             return metrics, dy
 
-        def make_ex_fwd(stack):
-            def ex_fwd(experts, x, i):
+        def make_ex_fwd(ship):
+            def ex_fwd(experts, x, i):            # -> what this mesh ships (module docstring), pullback
                 def f(p, x):
-                    return jax.lax.with_sharding_constraint(C.experts_forward(p, x, num), stack)
+                    out = C.experts_forward(p, x, num, parts=fused)
+                    out = tuple(jax.lax.with_sharding_constraint(o, s)
+                                for o, s in zip(out if fused else (out,), ship))
+                    # The experts' last down-projections [n, F, D], differentiated when they train.
+                    return out + (p["w_down"][:, -1],) if fused and self.train_experts else out
                 p_i = C.take_block(experts["experts"], i)
                 if self.train_experts:
                     return jax.vjp(f, p_i, x)
-                return jax.vjp(lambda x: f(p_i, x), x)
+                out, vjp = jax.vjp(lambda x: f(p_i, x), x)
+                # Frozen experts: W goes along for the forward, and no dW comes back.
+                return out + ((p_i["w_down"][:, -1],) if fused else ()), vjp
             return jit(ex_fwd)
 
         def stack_norm(grads):            # per-block grads -> [n_blocks, ...] and its squared norm
@@ -245,7 +289,7 @@ class MpmdStep:
         self._embed, self._bb_fwd, self._merge_fwd = jit(embed), jit(bb_fwd), jit(merge_fwd)
         self._head, self._add = jit(head), jit(lambda parts: sum(parts[1:], parts[0]))
         self._apply = jit(lambda vjp, ct: vjp(ct))
-        self._ex_fwd = [make_ex_fwd(s) for s in self.stack]
+        self._ex_fwd = [make_ex_fwd(s) for s in self.ship_ex]
         self._stack_norm = jit(stack_norm)
         opt_sh = self.shardings["opt"]
         self._update = [make_update(self.shardings["gates"], opt_sh["gates"], bb.mesh)] + [
@@ -276,18 +320,19 @@ class MpmdStep:
             xs = [put(x, m.hidden) for m in ex_meshes]
             ex = [run(m.name, f, e, xm, m.index[i])
                   for m, f, e, xm in zip(ex_meshes, self._ex_fwd, state["experts"], xs)]
-            h_bb, vjp_bb = run(bb.name, self._bb_fwd, state["backbone"]["layers"], x, bb.index[i])
-            outs = [put(o, s) for (o, _), s in zip(ex, self.stack_bb)]
-            x, vjp_merge = run(bb.name, self._merge_fwd, state["gates"], x, h_bb, outs, bb.index[i])
+            p_bb, vjp_bb = run(bb.name, self._bb_fwd, state["backbone"]["layers"], x, bb.index[i])
+            outs = [put(o, s) for (o, _), s in zip(ex, self.ship_bb)]
+            x, vjp_merge = run(bb.name, self._merge_fwd, state["gates"], state["backbone"]["layers"]["w_down"],
+                               x, p_bb, outs, bb.index[i])
             tapes.append((vjp_merge, vjp_bb, [v for _, v in ex]))
         metrics, dy = run(bb.name, self._head, state["backbone"], x, batch)
         g_gates, g_experts = [], [[] for _ in ex_meshes]
         for i in reversed(range(self.n_blocks)):
             vjp_merge, vjp_bb, vjp_ex = tapes[i]
-            d_w, d_b, dx, dh_bb, d_outs = run(bb.name, self._apply, vjp_merge, dy)
-            d_outs = [put(d, s) for d, s in zip(d_outs, self.stack)]
+            d_w, d_b, dx, dp_bb, d_outs = run(bb.name, self._apply, vjp_merge, dy)
+            d_outs = [put(d, s[:self.n_diff]) for d, s in zip(d_outs, self.ship_ex)]
             ex = [run(m.name, self._apply, v, d) for m, v, d in zip(ex_meshes, vjp_ex, d_outs)]
-            dx_bb, = run(bb.name, self._apply, vjp_bb, dh_bb)
+            dx_bb, = run(bb.name, self._apply, vjp_bb, dp_bb)
             dxs = [put(r[-1], bb.hidden) for r in ex]
             if i:                                   # block 0's input is the frozen embedding
                 dy = run(bb.name, self._add, [dx, dx_bb, *dxs])

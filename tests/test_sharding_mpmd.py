@@ -1,9 +1,13 @@
 """MPMD (paper section 3.3, 4.4): backbone and experts on disjoint sub-meshes of the 8
-forced CPU devices, against `ref.train.train_step` run unsharded; placement checks;
-the `--mesh` / `--placement` flags of `mode_jax.distributed`.
+forced CPU devices, against `ref.train.train_step` run unsharded and against the
+single-device fast step (fast/train.py) with the same merge; placement checks; the
+`--mesh` / `--placement` flags of `mode_jax.distributed`.
 
 The model, batches, reference run and tolerances are those of test_sharding_spmd.py
-(its docstring says why each tolerance is what it is); two steps per placement.
+(its docstring says why each tolerance is what it is); two steps per placement against
+the reference, one step against the single-device step. fast/model.py's layers merge
+with the fused merge (`FastConfig.merge`, the default: each expert mesh ships r, u and
+W of its last layer) or the stacked one; ref/'s layers (fast=None) merge stacked.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import numpy as np
 import pytest
 
 from mode_jax import distributed
+from mode_jax.fast import optim
+from mode_jax.fast import train as fast_train
 from mode_jax.fast.mpmd import MpmdStep
 from mode_jax.fast.optim import adam_state
 from mode_jax.fast.placement import Placement, SubMesh, even_placement
-from mode_jax.fast.params import to_fast
-from tests.test_sharding_spmd import (BATCH, CFG, EXACT, FAST_COMPILE, OPT, SEQ,
+from mode_jax.fast.params import partition, to_fast
+from tests.test_sharding_spmd import (BATCH, CFG, EXACT, FAST_COMPILE, MOMENT_SCALE, OPT, SEQ, STACKED,
                                       assert_matches_reference, make_params, reference_run)
+from tests.tolerances import assert_close
 
 # 4 experts on: one expert mesh; one mesh per expert (backbone fsdp x tp, one expert
 # on tp=2); uneven meshes hosting experts out of order (0, 2, 3 and 1).
@@ -69,13 +76,49 @@ def _gather_experts(step, trees):
 
 
 def test_mpmd_frozen_experts_trains_gates_only():
-    step, state, metrics = _run(Placement(SubMesh((0, 1, 2, 3)), (SubMesh((4, 5, 6, 7)),)), trainable="gates")
-    assert state["opt"]["experts"] == [None]
+    step, state, metrics = _run(Placement(SubMesh((0, 1, 2, 3)), (SubMesh((4, 5, 6, 7)),)), trainable="gates",
+                                fast=EXACT)
+    assert step.fused and state["opt"]["experts"] == [None]
     gates = adam_state(state["opt"]["gates"])
     gates_mu = {"blocks": {"experts": None, **jax.tree.map(np.asarray, gates.mu)}}
     gates_nu = {"blocks": {"experts": None, **jax.tree.map(np.asarray, gates.nu)}}
     assert_matches_reference(metrics, step.gather(state), {**gates_mu, "backbone": None},
                              {**gates_nu, "backbone": None}, trainable="gates")
+
+
+@pytest.mark.parametrize("trainable", ["experts_and_gates", "gates"])
+@pytest.mark.parametrize("fast", [EXACT, STACKED], ids=["fused", "stacked"])
+def test_mpmd_step_equals_single_device_step(trainable, fast):
+    """One MPMD step (two expert meshes hosting the experts out of order) against one
+    step of fast/train.py on one device with the same FastConfig, and the reference's
+    loss and gradient norm: loss, accuracy, gradient norm, gradients (the first moment
+    after one step is (1 - b1) g) and the updated trainable params."""
+    params, batches, ref_metrics, *_ = reference_run(trainable)
+    stacked = to_fast(params)
+    placement = distributed.parse_placement("backbone=0-3[fsdp=2,tp=2];experts=4-5:0+2,6-7[tp=2]:1+3")
+    step = MpmdStep(stacked, CFG, OPT, placement, trainable=trainable, batch_size=BATCH, seq_len=SEQ,
+                    masked=True, fast=fast, compiler_options=FAST_COMPILE)
+    assert step.fused == (fast.merge == "fused")
+    state, got = step(step.place(stacked), step.place_batch(batches[0]))
+    template, frozen = partition(stacked, trainable)
+    got_t, got_opt = step.to_canonical({"gates": state["gates"], "experts": state["experts"]}, state["opt"],
+                                       template)
+
+    single = fast_train.train_step_keep.lower(template, frozen, optim.init(template, OPT), batches[0],
+                                              cfg=CFG, opt=OPT, fast=fast).compile(FAST_COMPILE)
+    want_t, want_opt, want = single(template, frozen, optim.init(template, OPT), batches[0])
+    for key in ("loss", "accuracy", "grad_norm", "lr"):
+        assert_close(got[key], want[key], err_msg=f"single-device {key}")
+    for key in ("loss", "accuracy", "grad_norm"):
+        assert_close(got[key], ref_metrics[0][key], err_msg=f"reference {key}")
+    jax.tree.map_with_path(lambda p, a, b: assert_close(np.asarray(a), b, err_msg=jax.tree_util.keystr(p)),
+                           got_t, want_t)
+
+    def moments_close(path, a, b):     # relative to the largest entry: see test_sharding_spmd.py
+        top = float(np.max(np.abs(b))) or 1.0
+        assert_close(np.asarray(a) / top, np.asarray(b) / top, scale=MOMENT_SCALE,
+                     err_msg=jax.tree_util.keystr(path))
+    jax.tree.map_with_path(moments_close, adam_state(got_opt).mu, adam_state(want_opt).mu)
 
 
 def _step(placement, **kw):
