@@ -45,8 +45,10 @@ from mode_jax.fast.merge import fused_merge
 from mode_jax.fast.norm import rms_norm
 from mode_jax.fast.projection import split_projection
 from mode_jax.fast.swiglu import swiglu_projection
+from mode_jax.fast import lora_moe
 from mode_jax.ref.config import LlamaConfig, LoraConfig
 from mode_jax.ref.llama import BIAS_KEYS, rope_freq_factors
+from mode_jax.ref.mode import top_k_logits
 
 F32 = jnp.float32
 ATTENTION_NAME = "attention_out"
@@ -127,7 +129,9 @@ def _proj(x, layer, adapters, names, *, lora_scale, split=None):
         ys = [y + layer[BIAS_KEYS[n]] if BIAS_KEYS.get(n) in layer else y for y, n in zip(ys, names)]
     if adapters is not None:
         for i, n in enumerate(names):
-            if n in adapters:
+            if n in adapters and lora_moe.PROBS in adapters:     # a LoRA mixture (fast/lora_moe.py)
+                ys[i] = ys[i] + lora_moe.mixed_delta(x, adapters[n], adapters[lora_moe.PROBS], lora_scale)
+            elif n in adapters:
                 xa = jnp.einsum("BTI,IR->BTR", x, adapters[n]["a"].astype(dtype)) * jnp.asarray(lora_scale, dtype)
                 ys[i] = ys[i] + jnp.einsum("BTR,RO->BTO", xa, adapters[n]["b"].astype(dtype))
     return ys
@@ -163,6 +167,7 @@ def layer_parts(layer: dict, adapters: dict | None, x: jax.Array, cos, sin, *, n
 
 def layer_forward(layer, adapters, x, cos, sin, **kw):
     """One pre-norm residual layer, x [B, T, D] -> [B, T, D] (`layer` prepared)."""
+    adapters = lora_moe.route(adapters, layer, x, eps=kw["eps"])     # a LoRA mixture's router weights
     r, u = layer_parts(layer, adapters, x, cos, sin, **kw)
     return r + _proj(u, layer, adapters, ("w_down",), lora_scale=kw["lora_scale"])[0]
 
@@ -241,16 +246,20 @@ class Hooks:
 
 
 def block_forward(backbone_layers: dict, block: dict, x: jax.Array, cfg: LlamaConfig,
-                  fast: FastConfig, *, return_probs: bool = False, hooks: Hooks | None = None):
+                  fast: FastConfig, *, return_probs: bool = False, hooks: Hooks | None = None,
+                  gate_top_k: int | None = None):
     """One MoDE block (eq. 1-2): x [B, T, D] -> y [B, T, D] (and the gate probabilities [B, T, E]).
 
     backbone_layers: {key: [L_block, ...]} the block's backbone layers;
     block: {"experts": {key: [N, expert_layers, ...]}, "gate_w": [D, E], "gate_b": [E]}.
+    gate_top_k: keep each token's k largest logits (ref.mode.top_k_logits; None: dense). The
+    others become -inf, so both merges' softmax gives them weight 0 and gradient 0: the fused
+    merge's algebra is unchanged (every stack still runs; a sparse dispatch would skip them).
     """
     hooks = hooks or Hooks()
     stack_kw = _stack_kwargs(cfg, fast)
     cos, sin = _rope(x.shape[1], cfg)
-    logits = gate_logits(block["gate_w"], block["gate_b"], x)                     # [B, T, E]
+    logits = top_k_logits(gate_logits(block["gate_w"], block["gate_b"], x), gate_top_k)   # [B, T, E]
     experts = block["experts"]
     n_experts = experts["wq"].shape[0]
     if n_experts == 0:
@@ -290,9 +299,9 @@ def llama_hidden(backbone: dict, tokens: jax.Array, cfg: LlamaConfig, fast: Fast
 
 
 def mode_hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, fast: FastConfig, *,
-                return_probs: bool = False, hooks: Hooks | None = None):
+                return_probs: bool = False, hooks: Hooks | None = None, gate_top_k: int | None = None):
     """The last block's mixed output [B, T, D] (and each block's gate probabilities).
-    `hooks`: what a sharded step changes (see `Hooks`)."""
+    `hooks`: what a sharded step changes (see `Hooks`); `gate_top_k`: see `block_forward`."""
     hooks = hooks or Hooks()
     backbone, blocks = params["backbone"], params["blocks"]
     n_blocks = blocks["gate_w"].shape[0]
@@ -304,7 +313,8 @@ def mode_hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, fast: FastCon
     probs = []
     for i in range(n_blocks):
         layers = _take(backbone["layers"], slice(i * per_block, (i + 1) * per_block))
-        out = block_forward(layers, _take(blocks, i), x, cfg, fast, return_probs=return_probs, hooks=hooks)
+        out = block_forward(layers, _take(blocks, i), x, cfg, fast, return_probs=return_probs, hooks=hooks,
+                            gate_top_k=gate_top_k)
         x, p = out if return_probs else (out, None)
         x = hooks.constrain(x)
         probs.append(p)
@@ -312,12 +322,24 @@ def mode_hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, fast: FastCon
 
 
 def hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, fast: FastConfig,
-           lora: LoraConfig | None = None) -> jax.Array:
+           lora: LoraConfig | None = None, *, gate_top_k: int | None = None) -> jax.Array:
     """The final hidden state [B, T, D] of whichever model `params` holds (as ref.methods.apply)."""
+    if "btx" in params:
+        # BTX (fast/btx.py) is built from this module's layers: imported here.
+        from mode_jax.fast.btx import btx_hidden
+        return btx_hidden(params, tokens, cfg, fast)[0]
+    if "expansion" in params:
+        # Block expansion (fast/expansion.py) is built from this module's stacks: imported here.
+        from mode_jax.fast.expansion import expansion_hidden
+        return expansion_hidden(params, tokens, cfg, fast)
     if "blocks" in params:
         if "lora" in params:
             raise NotImplementedError("fast/: MoDE over a LoRA-adapted backbone is not supported")
-        return mode_hidden(params, tokens, cfg, fast)
+        return mode_hidden(params, tokens, cfg, fast, gate_top_k=gate_top_k)
+    if "lora_moe" in params:
+        if lora is None:
+            raise ValueError("params hold a LoRA mixture but no LoraConfig was given")
+        return llama_hidden(params["backbone"], tokens, cfg, fast, params["lora_moe"], lora)
     if "lora" in params:
         if lora is None:
             raise ValueError("params hold LoRA adapters but no LoraConfig was given")
@@ -335,10 +357,10 @@ def final_norm(backbone: dict, h: jax.Array, cfg: LlamaConfig) -> jax.Array:
 
 
 def logits(params: dict, tokens: jax.Array, cfg: LlamaConfig, fast: FastConfig,
-           lora: LoraConfig | None = None) -> jax.Array:
+           lora: LoraConfig | None = None, *, gate_top_k: int | None = None) -> jax.Array:
     """tokens [B, T] -> float32 logits [B, T, V], all at once (tests, small evals; the
     training loss never builds these: see `fast/loss.py`)."""
     backbone = params["backbone"]
-    hn = final_norm(backbone, hidden(params, tokens, cfg, fast, lora), cfg)
+    hn = final_norm(backbone, hidden(params, tokens, cfg, fast, lora, gate_top_k=gate_top_k), cfg)
     return jnp.einsum("BTD,VD->BTV", hn, head_weight(backbone, cfg).astype(fast.dtype),
                       preferred_element_type=F32)

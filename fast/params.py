@@ -15,6 +15,12 @@ per-layer array on leading axes so a model runs as `lax.scan` over layers and
               (E = N + 1, column 0 the backbone)
     LoRA      {"backbone": <backbone>,
                "lora": {"layers": {name: {"a": [L, in, R], "b": [L, R, out]}}}}
+    expansion {"backbone": <backbone>, "expansion": {"layers": {key: [n_new, ...]}}}
+               (block expansion, ref/expansion.py: new layer j after backbone layer (j + 1) L / n_new - 1)
+    LoRA-MoE  {"backbone": <backbone>, "lora_moe": {"layers": {"gate_w": [L, D, N],
+               name: {"a": [L, N, in, R], "b": [L, N, R, out]}}}}  (ref/lora_moe.py; fast/lora_moe.py)
+    BTX       {"backbone": <backbone>, "btx": {"mlps": {key: [L, E, ...]}, "gate_w": [L, D, E]}}
+               (ref/btx.py; layout in fast/btx_layout.py; stage 1 has E = 1 and no gate_w)
 
 Which leaves train is the same partition as `ref/methods.py` (`TRAINABLE`): its
 predicates read only the first and last key of a leaf's path, which mean the same
@@ -26,6 +32,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mode_jax.fast import btx_layout
+from mode_jax.fast import lora_moe
 from mode_jax.ref import methods as ref_methods
 from mode_jax.ref.llama import LAYER_KEYS
 
@@ -131,7 +139,13 @@ def to_fast(ref_params: dict, *, expert_layers: int | None = None) -> dict:
                                        expert_layers=expert_layers)
     if "lora" in ref_params:
         out["lora"] = lora_to_fast(ref_params["lora"])
-    unknown = set(ref_params) - {"backbone", "blocks", "lora"}
+    if "lora_moe" in ref_params:
+        out["lora_moe"] = lora_moe.to_fast(ref_params["lora_moe"])
+    if "expansion" in ref_params:
+        out["expansion"] = {"layers": _stack(ref_params["expansion"]["layers"], LAYER_KEYS)}
+    if "btx" in ref_params:
+        out["btx"] = btx_layout.to_fast(ref_params["btx"])
+    unknown = set(ref_params) - {"backbone", "blocks", "lora", "lora_moe", "expansion", "btx"}
     if unknown:
         raise ValueError(f"to_fast: unknown top-level keys {sorted(unknown)}")
     return out
@@ -146,6 +160,13 @@ def to_ref(fast_params: dict) -> dict:
         out["blocks"] = blocks_to_ref(fast_params["blocks"])
     if "lora" in fast_params:
         out["lora"] = lora_to_ref(fast_params["lora"])
+    if "lora_moe" in fast_params:
+        out["lora_moe"] = lora_moe.to_ref(fast_params["lora_moe"])
+    if "expansion" in fast_params:
+        new = fast_params["expansion"]["layers"]
+        out["expansion"] = {"layers": _unstack(new, new["wq"].shape[0])}
+    if "btx" in fast_params:
+        out["btx"] = btx_layout.to_ref(fast_params["btx"])
     return out
 
 
@@ -179,6 +200,8 @@ def stacked_axes(path) -> int:
     keys = ref_methods._keys(path)
     if "experts" in keys:
         return 3
+    if "mlps" in keys:          # BTX's MLP experts: layers, experts
+        return 2
     if "layers" in keys or keys[-1] in ("gate_w", "gate_b"):
         return 1
     return 0

@@ -12,6 +12,14 @@ runs whichever it holds. Which parameters train is a *partition* of that tree
     uninit         backbone + N fresh random experts      experts and gates
     full           backbone                               every backbone weight
     lora           backbone + adapters                    adapters
+    block_expansion  backbone + new identity-initialised    the new layers
+                   layers (ref/expansion.py, LLaMA Pro)
+    btx_branch     backbone + a copy of every layer's MLP the MLP copies (ref/btx.py, stage 1)
+    btx            backbone + per layer [seed, N branch]  MLP experts and routers (BTX stage 2,
+                   MLP experts and a top-2 router          stage1=[N btx_branch models])
+    lora_moe       backbone + N per-domain LoRAs + a       LoRAs and routers (ref/lora_moe.py,
+                   softmax router per layer                stage1=[N lora models])
+    lora_moe_frozen  the same                             routers only
 """
 
 from __future__ import annotations
@@ -20,9 +28,12 @@ import dataclasses
 
 import jax
 
+from mode_jax.ref.btx import btx_forward, init_branch, init_mix
 from mode_jax.ref.config import LlamaConfig, LoraConfig, ModeConfig
+from mode_jax.ref.expansion import ExpansionConfig, expansion_forward, init_expansion
 from mode_jax.ref.llama import check_tokens, llama_forward
 from mode_jax.ref.lora import init_lora, lora_merge
+from mode_jax.ref.lora_moe import init_lora_moe, lora_moe_forward
 from mode_jax.ref.mode import init_mode, mode_forward, stage2_from_stage1
 
 
@@ -33,6 +44,10 @@ def _in(part: str):
 TRAINABLE = {
     "full": _in("backbone"),
     "lora": _in("lora"),
+    "lora_moe": _in("lora_moe"),
+    "lora_moe_routers": lambda keys: keys[0] == "lora_moe" and keys[-1] == "gate_w",
+    "expansion": _in("expansion"),
+    "btx": _in("btx"),
     "experts_and_gates": _in("blocks"),
     "gates": lambda keys: keys[0] == "blocks" and keys[-1] in ("gate_w", "gate_b"),
 }
@@ -44,6 +59,11 @@ METHODS = {
     "uninit": "experts_and_gates",
     "full": "full",
     "lora": "lora",
+    "lora_moe": "lora_moe",
+    "lora_moe_frozen": "lora_moe_routers",
+    "block_expansion": "expansion",
+    "btx_branch": "btx",
+    "btx": "btx",
 }
 
 
@@ -68,25 +88,49 @@ def merge(trainable: dict, frozen: dict) -> dict:
                         is_leaf=lambda x: x is None)
 
 
-def apply(params: dict, tokens: jax.Array, cfg: LlamaConfig, lora: LoraConfig | None = None) -> jax.Array:
-    """tokens int [B, T] -> logits [B, T, V] (float32) of whichever model `params` holds."""
+def apply(params: dict, tokens: jax.Array, cfg: LlamaConfig, lora: LoraConfig | None = None, *,
+          gate_top_k: int | None = None) -> jax.Array:
+    """tokens int [B, T] -> logits [B, T, V] (float32) of whichever model `params` holds
+    (`gate_top_k`: MoDE's top-k gate, ref.mode.top_k_logits; None: dense)."""
     check_tokens(tokens, "apply")
     backbone = params["backbone"]
+    if "lora_moe" in params:
+        if lora is None:
+            raise ValueError("params hold a LoRA mixture but no LoraConfig was given")
+        return lora_moe_forward(params, tokens, cfg, lora)
     if "lora" in params:
         if lora is None:
             raise ValueError("params hold LoRA adapters but no LoraConfig was given")
         backbone = lora_merge(backbone, params["lora"], lora)
+    if "btx" in params:
+        return btx_forward({**params, "backbone": backbone}, tokens, cfg)
+    if "expansion" in params:
+        return expansion_forward({**params, "backbone": backbone}, tokens, cfg)
     if "blocks" in params:
-        return mode_forward({**params, "backbone": backbone}, tokens, cfg)
+        return mode_forward({**params, "backbone": backbone}, tokens, cfg, gate_top_k=gate_top_k)
     return llama_forward(backbone, tokens, cfg)
 
 
 def init_method(method: str, key: jax.Array, backbone: dict, cfg: LlamaConfig, *,
                 mode: ModeConfig | None = None, lora: LoraConfig | None = None,
-                stage1: list[dict] | None = None, gate_from: str = "stage1") -> dict:
+                stage1: list[dict] | None = None, gate_from: str = "stage1",
+                expansion: ExpansionConfig | None = None) -> dict:
     """Params for `method` around a (frozen) backbone; see the module table."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    if method == "block_expansion":
+        return {"backbone": backbone, "expansion": init_expansion(backbone, cfg, expansion or ExpansionConfig())}
+    if method == "btx_branch":
+        return init_branch(backbone)
+    if method == "btx":
+        if not stage1:
+            raise ValueError("method 'btx' needs the trained btx_branch models (stage1=[...])")
+        return init_mix(key, backbone, stage1)
+    if method in ("lora_moe", "lora_moe_frozen"):
+        if lora is None or not stage1 or any("lora" not in m for m in stage1):
+            raise ValueError(f"method {method!r} needs a LoraConfig and the trained per-domain lora models "
+                             "(stage1=[...])")
+        return {"backbone": backbone, "lora_moe": init_lora_moe([m["lora"] for m in stage1], cfg, lora)}
     if method == "full":
         return {"backbone": backbone}
     if method == "lora":

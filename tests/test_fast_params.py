@@ -41,12 +41,21 @@ def random_params(method: str, seed: int, cfg: LlamaConfig = CFG, mode: ModeConf
     backbone = {k: leaf(k, s) for k, s in shapes.items() if k != "layers"}
     backbone["layers"] = [layer() for _ in range(cfg.n_layers)]
     params = {"backbone": backbone}
-    if method == "lora":
+    def adapters():
         ls = layer_shapes(cfg)
-        params["lora"] = {"layers": [
+        return {"layers": [
             {m: {"a": (rng.standard_normal((ls[m][0], lora.rank)) / np.sqrt(ls[m][0])).astype(np.float32),
                  "b": (0.05 * rng.standard_normal((lora.rank, ls[m][1]))).astype(np.float32)}
              for m in lora.matrices} for _ in range(cfg.n_layers)]}
+
+    if method == "lora":
+        params["lora"] = adapters()
+    elif method.startswith("lora_moe"):
+        # mode.n_experts per-domain LoRAs (ref/lora_moe.py) and a random router per layer.
+        loras = [adapters() for _ in range(mode.n_experts)]
+        params["lora_moe"] = {"layers": [
+            {"gate_w": (0.5 * rng.standard_normal((cfg.d_model, mode.n_experts))).astype(np.float32),
+             "adapters": [a["layers"][i] for a in loras]} for i in range(cfg.n_layers)]}
     elif method != "full":
         e = mode.n_experts + 1
         params["blocks"] = [{"experts": [[layer() for _ in range(mode.expert_layers)] for _ in range(mode.n_experts)],
@@ -64,7 +73,15 @@ def build(method, cfg=CFG, mode=MODE):
     stage1 = None
     if method.startswith("stage2"):
         stage1 = [init_method("stage1", jax.random.key(s), backbone, cfg, mode=mode) for s in (5, 6)]
+    if method.startswith("lora_moe"):
+        stage1 = trained_loras(backbone, cfg)
     return init_method(method, jax.random.key(0), backbone, cfg, mode=mode, lora=LORA, stage1=stage1)
+
+
+def trained_loras(backbone, cfg=CFG, lora=LORA, seeds=(5, 6)):
+    """Per-domain `lora` models around `backbone`, B nonzero as if trained (init_lora's B is
+    zero, which would leave a LoRA mixture's routers without a gradient)."""
+    return [{"backbone": backbone, "lora": random_params("lora", s, cfg, MODE, lora)["lora"]} for s in seeds]
 
 
 def assert_trees_identical(a, b):

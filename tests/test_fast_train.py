@@ -85,7 +85,7 @@ def test_optax_adamw_equals_ref_on_the_stacked_layout():
 def test_step_matches_ref(method):
     """Three steps of each method: same metrics and trainable params (float32 compute, loss
     chunks that do not divide the tokens); frozen leaves come back bit-identical."""
-    lora = LORA if method == "lora" else None
+    lora = LORA if method.startswith("lora") else None
     params = method_params(method)
     train, frozen = partition(params, METHODS[method])
     fast_train, fast_frozen = P.partition(to_fast_jit(params), METHODS[method])

@@ -136,6 +136,9 @@ def build(method):
     stage1 = None
     if method.startswith("stage2"):
         stage1 = [init_method("stage1", jax.random.key(s), backbone, CFG, mode=MODE) for s in (5, 6)]
+    if method.startswith("lora_moe"):
+        from tests.test_fast_params import trained_loras
+        stage1 = trained_loras(backbone, CFG, LORA)
     return init_method(method, jax.random.key(0), backbone, CFG, mode=MODE, lora=LORA, stage1=stage1)
 
 
@@ -150,7 +153,7 @@ def test_step_updates_trainable_and_leaves_frozen_bit_identical(method):
     losses = []
     for _ in range(4):
         train, state, metrics = train_step(train, frozen, state, batch, cfg=CFG, opt=OPT,
-                                           lora=LORA if method == "lora" else None)
+                                           lora=LORA if method.startswith("lora") else None)
         losses.append(float(metrics["loss"]))
     for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(before, after)
