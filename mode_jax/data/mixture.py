@@ -7,6 +7,9 @@
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     sampler.domain_ids                      # int32 [B]: row b comes from domains[domain_ids[b]]
 
+A domain may also be given as rows already, [n, seq_len + 1] (a fixed training subset,
+data/subset.py): it is drawn from like any other.
+
 Each domain's token stream is viewed as rows of seq_len + 1 tokens (`pack.rows`).
 Every batch holds batch_size / n_domains rows of each domain, in domain blocks
 (rows 0..k-1 from the first domain, and so on). Within a domain the rows are
@@ -64,7 +67,10 @@ class MixtureSampler:
         self.rows_per_domain = batch_size // len(arrays)        # k: rows of each domain per batch
         self._rows = {}
         for name, tokens in arrays.items():
-            view = rows(tokens, seq_len)                         # [n_rows, seq_len + 1]
+            # A 2-D array is rows already (a training subset, data/subset.py); 1-D is a stream.
+            view = np.asarray(tokens) if np.ndim(tokens) == 2 else rows(tokens, seq_len)   # [n_rows, seq_len + 1]
+            if view.shape[1] != seq_len + 1:
+                raise ValueError(f"domain {name!r}: rows of {view.shape[1]} tokens, expected seq_len + 1 = {seq_len + 1}")
             if view.shape[0] == 0:
                 raise ValueError(f"domain {name!r} has {np.asarray(tokens).shape[0]} tokens, fewer than "
                                  f"one row of {seq_len + 1}")

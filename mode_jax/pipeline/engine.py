@@ -138,7 +138,8 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
 
 def evaluate(steps: Steps, params: dict, eval_sets: dict[str, np.ndarray], *, batch_size: int,
              progress: bool = True, desc: str = "eval", separator: int | None = None,
-             documents: dict[str, tuple[np.ndarray, str]] | None = None) -> dict[str, dict[str, Any]]:
+             documents: dict[str, tuple[np.ndarray, str]] | None = None,
+             answers: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """Per domain: mean next-token loss and accuracy over its eval rows (all batches the same
     size, so the mean of batch means is the token mean), and routing [n_blocks][E] for MoDE.
 
@@ -146,7 +147,9 @@ def evaluate(steps: Steps, params: dict, eval_sets: dict[str, np.ndarray], *, ba
     with targets equal to `separator` (the EOS between packed documents) left out:
     `per_row` {correct, tokens, nll} per eval row, `per_document` {unit, ids, correct, tokens}
     per test document (`documents[domain]` = (document id of every target [n, T], unit);
-    without it each row is its own unit), and `accuracy_content` (their pooled accuracy)."""
+    without it each row is its own unit), and `accuracy_content` (their pooled accuracy).
+    `answers[domain]` (bool [n, T], pipeline/answers.py) marks a question/answer domain's
+    answer targets: their accuracy and per-document counts go under `answers`."""
     from tqdm.auto import tqdm
 
     total = sum(rows.shape[0] // batch_size for rows in eval_sets.values())
@@ -171,6 +174,10 @@ def evaluate(steps: Steps, params: dict, eval_sets: dict[str, np.ndarray], *, ba
                 out[domain]["routing"] = np.mean(routes, axis=0).round(6).tolist()
             out[domain].update(_unit_counts(rows, np.concatenate(correct), np.concatenate(nll), separator,
                                             (documents or {}).get(domain)))
+            if answers and domain in answers:
+                from mode_jax.pipeline.answers import answer_counts
+                out[domain]["answers"] = answer_counts(np.concatenate(correct), answers[domain],
+                                                       (documents or {}).get(domain))
     return out
 
 
@@ -178,14 +185,20 @@ def _unit_counts(rows, correct, nll, separator, documents) -> dict[str, Any]:
     """Correct and counted targets per row and per document (separator targets excluded)."""
     targets = np.asarray(rows)[:, 1:]                                          # [n, T]
     keep = np.ones(targets.shape, bool) if separator is None else targets != separator
-    ids, unit = documents if documents is not None else (
-        np.repeat(np.arange(targets.shape[0])[:, None], targets.shape[1], axis=1), "row")
-    uniq, inverse = np.unique(ids[keep], return_inverse=True)
-    doc_correct = np.bincount(inverse, weights=correct[keep], minlength=uniq.size)
-    doc_tokens = np.bincount(inverse, minlength=uniq.size)
     counted = int(keep.sum())
     return {"accuracy_content": float((correct & keep).sum() / max(counted, 1)), "separator": separator,
             "per_row": {"correct": (correct & keep).sum(axis=1).tolist(), "tokens": keep.sum(axis=1).tolist(),
                         "nll": np.where(keep, nll, 0.0).sum(axis=1).round(6).tolist()},
-            "per_document": {"unit": unit, "ids": uniq.tolist(), "correct": doc_correct.astype(int).tolist(),
-                             "tokens": doc_tokens.tolist()}}
+            "per_document": document_counts(correct, keep, documents)}
+
+
+def document_counts(correct: np.ndarray, keep: np.ndarray, documents) -> dict[str, Any]:
+    """{unit, ids, correct, tokens}: the `keep` targets ([n, T] bool) counted per document
+    (`documents` = (document id of every target [n, T], unit); None: each row its own unit)."""
+    ids, unit = documents if documents is not None else (
+        np.repeat(np.arange(keep.shape[0])[:, None], keep.shape[1], axis=1), "row")
+    uniq, inverse = np.unique(ids[keep], return_inverse=True)
+    doc_correct = np.bincount(inverse, weights=correct[keep], minlength=uniq.size)
+    doc_tokens = np.bincount(inverse, minlength=uniq.size)
+    return {"unit": unit, "ids": uniq.tolist(), "correct": doc_correct.astype(int).tolist(),
+            "tokens": doc_tokens.tolist()}

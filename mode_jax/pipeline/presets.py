@@ -66,6 +66,14 @@ class DataSection:
     eval_sequences: int = 32       # test rows per domain, spread evenly over the test split
     eval_batch_size: int = 8
     synthetic_documents: int = 400  # per domain and split kind, for source = "synthetic"
+    # Which held-out split evaluation reads: "test" (what a report states) or "validation"
+    # (choosing a learning rate or a margin without looking at the test split).
+    eval_split: str = "test"
+    # Training rows per domain (0 = all): a fixed subset of N rows of seq_len + 1 tokens that
+    # the sampler cycles for the same step count (data/subset.py). train_examples: the
+    # mixture phases (stage 2, uninit, full, lora); stage1_examples: each stage-1 expert.
+    train_examples: int = 0
+    stage1_examples: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +85,9 @@ class ModeSection:
     gate_init: str | None = None
     gate_margin: float | None = None
     stage2_gate_from: str = "stage1"  # "stage1": backbone column averaged, expert columns carried; "fresh"
+    # The uninit method's experts (no stage 1): "random" (the paper's uninit) or "copy" (copies
+    # of the backbone's layers, as expert_init = "copy" gives stage 1: no stage 1, copied experts).
+    uninit_experts: str = "random"
 
     def __post_init__(self):
         _fill_from_ref(self, "ModeConfig", {k: k for k in ("n_blocks", "expert_layers", "expert_init",
@@ -160,6 +171,7 @@ RANGES = [
     ("model.seed", 0, None, int), ("model.tiny_d_model", 8, 4096, int), ("model.tiny_n_layers", 1, 256, int),
     ("data.seq_len", 2, 65536, int), ("data.eval_sequences", 1, None, int),
     ("data.eval_batch_size", 1, None, int), ("data.synthetic_documents", 10, None, int),
+    ("data.train_examples", 0, None, int), ("data.stage1_examples", 0, None, int),
     ("mode.n_blocks", 1, 256, int), ("mode.expert_layers", 1, 256, int), ("mode.gate_margin", 0.0, 100.0, float),
     ("lora.rank", 1, 65536, int), ("lora.alpha", 1e-6, None, float),
     ("train.stage1_steps", 1, None, int), ("train.steps", 1, None, int), ("train.batch_size", 1, None, int),
@@ -173,9 +185,11 @@ CHOICES = {
     "model.backend": ("auto", "ref", "fast"),
     "model.layer_loop": ("auto", "scan", "python"),
     "data.source": ("built", "synthetic"),
+    "data.eval_split": ("test", "validation"),
     "mode.expert_init": ("copy", "random"),
     "mode.gate_init": ("backbone", "uniform"),
     "mode.stage2_gate_from": ("stage1", "fresh"),
+    "mode.uninit_experts": ("random", "copy"),
     "lora.targets": ("attn", "attn_mlp"),
 }
 

@@ -62,6 +62,14 @@ class DomainData:
     vocab_size: int
     description: str
     tokenizer_hash: str = ""
+    validation: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)   # when data.eval_split asks
+
+
+def eval_streams(cfg: PipelineConfig, data: DomainData, domains) -> dict[str, np.ndarray]:
+    """The held-out stream each domain is evaluated on: its data.eval_split ("test", or
+    "validation" for tuning) split."""
+    held_out = data.validation if cfg.data.eval_split == "validation" else data.test
+    return {d: held_out[d] for d in domains}
 
 
 def fingerprint(params: dict) -> str:
@@ -230,15 +238,18 @@ def load_data(cfg: PipelineConfig, domains, *, verify: bool = True) -> DomainDat
     manifest = read_manifest(root)
     train = {d: load_split(root, d, "train", verify=verify) for d in domains}
     test = {d: load_split(root, d, "test", verify=verify) for d in domains}
+    validation = ({d: load_split(root, d, "validation", verify=verify) for d in domains}
+                  if cfg.data.eval_split == "validation" else {})
     tok = manifest.get("tokenizer", {})
     need = cfg.data.seq_len + 1
     for d in domains:
-        for split, arr in (("train", train[d]), ("test", test[d])):
+        for split, arr in (("train", train[d]), ("test", test[d])) + (
+                (("validation", validation[d]),) if validation else ()):
             if arr.shape[0] < need:
                 raise UserError(f"the {split} split of {d!r} at {root} has {arr.shape[0]} tokens, fewer than "
                                 f"one row of data.seq_len + 1 = {need}: build more data (`mode-jax data build`)")
     return DomainData(train, test, int(tok.get("vocab_size", 0)), f"{root} ({tok.get('name', '?')})",
-                      tokenizer_hash(manifest))
+                      tokenizer_hash(manifest), validation)
 
 
 def check_tokenizer_matches(cfg: PipelineConfig) -> None:
@@ -284,13 +295,13 @@ def _synthetic_doc(domain: str, rng: np.random.Generator) -> str:
 def _synthetic(domains: tuple, n_docs: int, seed: int) -> DomainData:
     from mode_jax.data.pack import ByteTokenizer, pack
     tok = ByteTokenizer()
-    train, test = {}, {}
+    train, test, validation = {}, {}, {}
     for d in domains:
-        # Test texts come from another generator stream than train texts.
-        for split, out, salt in (("train", train, 0), ("test", test, 1)):
+        # Test and validation texts come from other generator streams than train texts.
+        for split, out, salt in (("train", train, 0), ("test", test, 1), ("validation", validation, 2)):
             rng = np.random.default_rng([seed, SYNTHETIC_DOMAINS.index(d), salt])
             out[d] = pack([tok.encode(_synthetic_doc(d, rng)) for _ in range(n_docs)], eos_id=tok.eos_id)
-    return DomainData(train, test, tok.vocab_size, "synthetic (byte tokens)")
+    return DomainData(train, test, tok.vocab_size, "synthetic (byte tokens)", validation=validation)
 
 
 def synthetic_data(domains, n_docs: int, seed: int) -> DomainData:

@@ -46,6 +46,7 @@ class Context:
     keep_checkpoints: bool = False       # --keep-checkpoints: a finished phase keeps its checkpoints
     separator: int | None = None         # the EOS between packed documents (left out of per-unit counts)
     eval_documents: dict | None = None   # domain -> (document id of every eval target [n, T], unit)
+    eval_answers: dict | None = None     # domain -> bool [n, T]: answer targets of question/answer domains
 
     @property
     def llama(self):
@@ -59,9 +60,15 @@ def check_inputs(cfg: PipelineConfig, domains) -> None:
         from mode_jax.data.store import read_manifest, split_entry
         root = sources.data_dir(cfg)
         manifest = read_manifest(root)
+        held_out = "validation" if cfg.data.eval_split == "validation" else "test"
         for d in domains:
-            for split in ("train", "test"):
+            for split in ("train", held_out):
                 split_entry(manifest, root, d, split)
+        from mode_jax.data.subset import check_examples
+        for d in cfg.domains.targets:       # a training subset must fit each trained domain
+            tokens = split_entry(manifest, root, d, "train")["tokens"]
+            for n in (cfg.data.train_examples, cfg.data.stage1_examples):
+                check_examples(d, tokens, cfg.data.seq_len, n)
     sources.check_model_available(cfg)
     sources.check_tokenizer_matches(cfg)
 
@@ -72,13 +79,17 @@ def prepare(cfg: PipelineConfig, domains=None, *, progress: bool = True) -> Cont
     check_inputs(cfg, domains)
     data = sources.load_data(cfg, domains)
     backbone = sources.load_backbone(cfg, data.vocab_size, progress=progress)
-    eval_sets = {d: sources.eval_rows(data.test[d], cfg.data.seq_len, cfg.data.eval_sequences, domain=d)
+    held_out = sources.eval_streams(cfg, data, cfg.eval_domains)     # data.eval_split: test or validation
+    eval_sets = {d: sources.eval_rows(held_out[d], cfg.data.seq_len, cfg.data.eval_sequences, domain=d)
                  for d in cfg.eval_domains}
     from mode_jax.pipeline import eval_units
     separator = eval_units.separator_id(cfg)
-    documents = {d: eval_units.document_ids(data.test[d], rows, cfg.data.seq_len, separator)
+    documents = {d: eval_units.document_ids(held_out[d], rows, cfg.data.seq_len, separator)
                  for d, rows in eval_sets.items()}
-    return Context(cfg, backbone, data, eval_sets, progress, separator=separator, eval_documents=documents)
+    from mode_jax.pipeline.answers import eval_answer_masks
+    answers = eval_answer_masks(cfg, held_out, eval_sets, separator)
+    return Context(cfg, backbone, data, eval_sets, progress, separator=separator, eval_documents=documents,
+                   eval_answers=answers)
 
 
 def optim(cfg: PipelineConfig, lr: float, steps: int) -> OptimConfig:
@@ -91,9 +102,14 @@ def lora_config(cfg: PipelineConfig) -> LoraConfig:
     return LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets)
 
 
-def _sampler(ctx: Context, domains, batch_size: int) -> MixtureSampler:
-    return MixtureSampler({d: ctx.data.train[d] for d in domains}, batch_size=batch_size,
-                          seq_len=ctx.cfg.data.seq_len, seed=ctx.cfg.train.seed)
+def _sampler(ctx: Context, domains, batch_size: int, examples: int = 0) -> MixtureSampler:
+    """Batches from the domains' train streams, or (examples > 0) from a fixed subset of
+    that many rows of each (data/subset.py), cycled for as many steps as asked."""
+    from mode_jax.data.subset import subset_rows
+    seq_len = ctx.cfg.data.seq_len
+    arrays = {d: subset_rows(ctx.data.train[d], seq_len, examples, domain=d) if examples else ctx.data.train[d]
+              for d in domains}
+    return MixtureSampler(arrays, batch_size=batch_size, seq_len=seq_len, seed=ctx.cfg.train.seed)
 
 
 def make_steps(ctx: Context, method: str, *, opt: OptimConfig, lora: LoraConfig | None = None,
@@ -128,13 +144,13 @@ def check_parallelism(ctx: Context, method: str, n_experts: int) -> None:
 
 
 def _train(ctx: Context, run: RunDir, *, phase: str, params: dict, method: str, domains, lr: float,
-           total_steps: int, lora: LoraConfig | None = None) -> engine.TrainOutcome:
+           total_steps: int, lora: LoraConfig | None = None, examples: int = 0) -> engine.TrainOutcome:
     cfg = ctx.cfg
     steps = make_steps(ctx, method, opt=optim(cfg, lr, total_steps), lora=lora, params_like=params)
     if ctx.parallelism is not None and steps.backend not in ("spmd", "mpmd") and ctx.progress:
         print(f"{phase}: {method} trains on one device (--mesh / --placement shard MoDE training)",
               file=sys.stderr)
-    sampler = _sampler(ctx, domains, cfg.train.batch_size)
+    sampler = _sampler(ctx, domains, cfg.train.batch_size, examples)
     return engine.train_loop(run, phase=phase, params=params, method=method, steps=steps,
                              batch_fn=sampler.batch, total_steps=total_steps,
                              checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every,
@@ -148,7 +164,7 @@ def evaluate_params(ctx: Context, params: dict, *, method: str, desc: str) -> di
     start = time.perf_counter()
     per_domain = engine.evaluate(steps, params, ctx.eval_sets, batch_size=ctx.cfg.data.eval_batch_size,
                                  progress=ctx.progress, desc=desc, separator=ctx.separator,
-                                 documents=ctx.eval_documents)
+                                 documents=ctx.eval_documents, answers=ctx.eval_answers)
     return {"domains": per_domain, "eval_seconds": round(time.perf_counter() - start, 2),
             "backend": steps.backend}
 
@@ -185,7 +201,7 @@ def train_expert(ctx: Context, run: RunDir, domain: str) -> dict | None:
     mode = sources.mode_config(cfg, 1)
     params = init_method("stage1", jax.random.key(cfg.train.seed), ctx.backbone.params, ctx.llama, mode=mode)
     out = _train(ctx, run, phase=f"expert-{domain}", params=params, method="stage1", domains=(domain,),
-                 lr=cfg.lr.mode, total_steps=cfg.train.stage1_steps)
+                 lr=cfg.lr.mode, total_steps=cfg.train.stage1_steps, examples=cfg.data.stage1_examples)
     if not out.finished:
         return None
     info = _training_info(ctx, "stage1", (domain,), cfg.train.stage1_steps)
@@ -214,11 +230,21 @@ def compose(ctx: Context, run: RunDir, experts: list[expert_io.Expert], *, freez
 
 
 def uninit(ctx: Context, run: RunDir, domains) -> dict | None:
-    """MoDE with N random experts trained on the mixture from scratch (no stage 1)."""
+    """MoDE with N experts trained on the mixture from scratch (no stage 1): random experts
+    (the paper's uninit), or with mode.uninit_experts = "copy" copies of the backbone's
+    layers, as stage 1 starts from, so that uninit's two changes can be told apart."""
     cfg = ctx.cfg
-    params = init_method("uninit", jax.random.key(cfg.train.seed), ctx.backbone.params, ctx.llama,
-                         mode=sources.mode_config(cfg, len(domains)))
-    return _finish_mixture(ctx, run, f"mode-{len(domains)}x-uninit", "uninit", params, domains, cfg.lr.mode, {})
+    mode = sources.mode_config(cfg, len(domains))
+    key = jax.random.key(cfg.train.seed)
+    if cfg.mode.uninit_experts == "copy":
+        # Same parameter structure (and so the same "uninit" partition), experts copied.
+        from mode_jax.ref.mode import init_mode
+        params = init_mode(key, ctx.backbone.params, ctx.llama, dataclasses.replace(mode, expert_init="copy"))
+        label = f"mode-{len(domains)}x-uninit-copied"
+    else:
+        params = init_method("uninit", key, ctx.backbone.params, ctx.llama, mode=mode)
+        label = f"mode-{len(domains)}x-uninit"
+    return _finish_mixture(ctx, run, label, "uninit", params, domains, cfg.lr.mode, {})
 
 
 def finetune(ctx: Context, run: RunDir, method: str) -> dict | None:
@@ -238,7 +264,7 @@ def _finish_mixture(ctx, run, label, method, params, domains, lr, extra, lora=No
         raise UserError(f"config train.batch_size={cfg.train.batch_size} must be a multiple of the "
                         f"{len(domains)} domains of the mixture")
     out = _train(ctx, run, phase=label, params=params, method=method, domains=domains, lr=lr,
-                 total_steps=cfg.train.steps, lora=lora)
+                 total_steps=cfg.train.steps, lora=lora, examples=cfg.data.train_examples)
     if not out.finished:
         return None
     info = {**_training_info(ctx, method, domains, cfg.train.steps), "backbone_fingerprint":

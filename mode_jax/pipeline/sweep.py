@@ -47,6 +47,23 @@ LR_KEY = {"full": "lr.full", "lora": "lr.lora", "uninit": "lr.mode", "expert": "
           "mode-frozen": "lr.mode"}
 SWEEP_KEYS = {"base", "seeds", "baseline", "set", "cell"}
 RESULTS = "results.jsonl"
+# Keys added after the first sweeps ran: at these defaults they leave a run's identity (and
+# its stage-1 experts' key) unchanged, so results recorded before them still count as done.
+LATER_DEFAULTS = {"data.eval_split": "test", "data.train_examples": 0, "data.stage1_examples": 0,
+                  "mode.uninit_experts": "random"}
+
+
+def identity(cfg: presets.PipelineConfig) -> dict:
+    """The config as a run's identity sees it: without data.dir (where the data lies is not
+    part of what was run: a sweep carried to another machine still skips its finished runs)
+    and without LATER_DEFAULTS keys left at their defaults."""
+    config = cfg.to_dict()
+    config["data"] = {k: v for k, v in config["data"].items() if k != "dir"}
+    for key, default in LATER_DEFAULTS.items():
+        section, name = key.split(".")
+        if config[section].get(name) == default:
+            del config[section][name]
+    return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +76,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        # Where the data lies (data.dir) is not part of what was run: a sweep carried to
-        # another machine, its data elsewhere, still skips its finished runs.
-        config = self.cfg.to_dict()
-        config["data"] = {k: v for k, v in config["data"].items() if k != "dir"}
-        blob = json.dumps({"method": self.method, "config": config}, sort_keys=True)
+        blob = json.dumps({"method": self.method, "config": identity(self.cfg)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -196,6 +209,10 @@ def _expand(spec: dict, where: str, base: dict, common: dict, seeds: list, seen:
         _check_key(key, where)
         if key == "train.seed":
             raise UserError(f"{where}: seeds come from sweep.seeds, not train.seed")
+        if key == "mode.expert_init" and method == "uninit":
+            # uninit ignores expert_init (it has no stage 1 to start from): say so, never run it silently
+            raise UserError(f"{where}: method uninit does not read mode.expert_init; for copied experts "
+                            f'without stage 1 set "mode.uninit_experts" = "copy"')
     axes = _axes(spec, where)
     varying = [k for k, values in axes if len(values) > 1]
     out = []

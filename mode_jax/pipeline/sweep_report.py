@@ -33,8 +33,22 @@ def _groups(records: list[dict]) -> dict[str, dict[int, dict]]:
     return out
 
 
+ANSWERS = ":answers"    # a column "math:answers": Math's answer tokens only (pipeline/answers.py)
+
+
 def _units(run: dict, domain: str) -> dict:
-    return run["result"]["domains"][domain]["per_document"]
+    name, answers, _ = domain.partition(ANSWERS)
+    entry = run["result"]["domains"][name]
+    return entry["answers"]["per_document"] if answers else entry["per_document"]
+
+
+def _label(column: str) -> str:
+    name, answers, _ = column.partition(ANSWERS)
+    return name.capitalize() + (" answers" if answers else "")
+
+
+def _split(run: dict) -> str:
+    return run["config"]["data"].get("eval_split", "test")
 
 
 def _counts(runs: list[dict], domain: str):
@@ -73,12 +87,16 @@ def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
     # the domains every run was evaluated on, in the first run's order (targets, then retention)
     domains = [d for d in dict.fromkeys(order["targets"] + order["retention"])
                if all(d in r["result"]["domains"] for r in records)]
+    # answer-token columns of the question/answer domains every run has them for (not in avg)
+    answer_columns = [d + ANSWERS for d in domains if all(
+        r["result"]["domains"][d].get("answers", {}).get("tokens") for r in records)]
     rows, diffs = [], []
     for name, by_seed in groups.items():
         runs = [by_seed[s] for s in sorted(by_seed)]
         row = {"name": name, "method": runs[0]["method"], "seeds": sorted(by_seed),
-               "params_trainable": runs[0]["result"].get("params_trainable", 0), "domains": {}}
-        for d in domains:
+               "params_trainable": runs[0]["result"].get("params_trainable", 0), "domains": {},
+               "eval_split": "/".join(sorted({_split(r) for r in runs}))}
+        for d in domains + answer_columns:
             ys, ns, shared, unit = _counts(runs, d)
             row["domains"][d] = {**stats.bootstrap_accuracy(ys, ns, shared_documents=shared, n_boot=n_boot).to_dict(),
                                  "unit": unit, "shared_documents": shared,
@@ -88,20 +106,23 @@ def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
                                                 shared_documents=all(c[2] for c in counts)).to_dict()
         rows.append(row)
     for base in baselines:
-        diffs += [_paired(name, by_seed, base, groups[base], domains, n_boot)
+        diffs += [_paired(name, by_seed, base, groups[base], domains, n_boot, answer_columns)
                   for name, by_seed in groups.items() if name != base]
-    return {"domains": domains, "rows": rows, "baseline": baselines[0] if baselines else None,
+    return {"domains": domains, "answer_columns": answer_columns, "rows": rows,
+            "eval_split": "/".join(sorted({_split(r) for r in records})),
+            "baseline": baselines[0] if baselines else None,
             "baselines": baselines, "differences": diffs,
             "n_boot": n_boot, "level": stats.LEVEL,
             "note": "accuracy: mean over seeds of next-token accuracy on the test documents, separators "
                     "excluded; [low, high]: 95% percentile bootstrap over seeds and test documents"}
 
 
-def _paired(name, by_seed, base, base_by_seed, domains, n_boot) -> dict[str, Any]:
-    """`name` - `base` per domain on the seeds both have (None where not on the same documents)."""
+def _paired(name, by_seed, base, base_by_seed, domains, n_boot, extra=()) -> dict[str, Any]:
+    """`name` - `base` per domain (and `extra` column) on the seeds both have (None where not
+    on the same documents); the average is over `domains` only."""
     seeds = sorted(set(by_seed) & set(base_by_seed))
     entry = {"name": name, "baseline": base, "seeds": seeds, "domains": {}}
-    for d in domains:
+    for d in list(domains) + list(extra):
         a, b = [by_seed[s] for s in seeds], [base_by_seed[s] for s in seeds]
         if not seeds or not _same_units(a, b, d):
             entry["domains"][d] = None      # not measured on the same seeds and documents
@@ -125,24 +146,30 @@ def _interval_pct(v: dict) -> str:
 
 def markdown(table: dict[str, Any]) -> str:
     domains = table["domains"]
-    head = ["cell", "seeds", "trained"] + [d.capitalize() for d in domains] + ["avg"]
+    columns = domains + table.get("answer_columns", [])
+    split = table.get("eval_split", "test")
+    mixed = "/" in split           # runs evaluated on different splits: each row says which
+    head = ["cell", "seeds", "trained"] + (["split"] if mixed else []) + [_label(d) for d in columns] + ["avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
     for r in table["rows"]:
-        cells = [r["name"], str(len(r["seeds"])), f"{r['params_trainable']:,}"]
-        cells += [_interval_pct(r["domains"][d]) for d in domains]
+        cells = [r["name"], str(len(r["seeds"])), f"{r['params_trainable']:,}"] + ([r["eval_split"]] if mixed else [])
+        cells += [_interval_pct(r["domains"][d]) for d in columns]
         lines.append("| " + " | ".join(cells + [_interval_pct(r["avg"])]) + " |")
-    units = sorted({f"{d}: {r['domains'][d]['n_units']} {r['domains'][d]['unit']}s"
-                    for r in table["rows"][:1] for d in domains})
-    text = ["Accuracy, % (mean over seeds) [95% bootstrap interval over seeds and test units; "
-            + "; ".join(units) + "].", "", *lines, ""]
+    units = sorted({f"{_label(d)}: {r['domains'][d]['n_units']} {r['domains'][d]['unit']}s"
+                    for r in table["rows"][:1] for d in columns})
+    where = "each row's split (see the split column)" if mixed else f"the {split} split"
+    text = [f"Accuracy, % (mean over seeds), evaluated on {where} [95% bootstrap interval over seeds and "
+            f"{'validation' if split == 'validation' else 'test'} units; " + "; ".join(units) + "]."
+            + (" Answers: next-token accuracy on the answer tokens alone (not in avg)." if columns != domains else ""),
+            "", *lines, ""]
     for base in table["baselines"]:
-        head = ["cell"] + [f"{d.capitalize()} - baseline" for d in domains] + ["avg - baseline"]
+        head = ["cell"] + [f"{_label(d)} - baseline" for d in columns] + ["avg - baseline"]
         text += [f"Paired differences against **{base}** (same seeds, same documents), "
                  "points [95% interval]; * = the interval excludes zero.", "",
                  "| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
         for e in (e for e in table["differences"] if e["baseline"] == base):
             cells = [e["name"]]
-            for v in [e["domains"][d] for d in domains] + [e["avg"]]:
+            for v in [e["domains"][d] for d in columns] + [e["avg"]]:
                 cells.append("not paired" if v is None else f"{100 * v['estimate']:+.2f} [{100 * v['low']:+.2f}, "
                              f"{100 * v['high']:+.2f}]" + (" *" if v["excludes_zero"] else ""))
             text.append("| " + " | ".join(cells) + " |")

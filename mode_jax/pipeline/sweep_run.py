@@ -26,7 +26,7 @@ from pathlib import Path
 from mode_jax.atomic import write_text_atomic
 from mode_jax.errors import UserError
 from mode_jax.pipeline import presets
-from mode_jax.pipeline.sweep import Cell, Grid, append_result, read_results
+from mode_jax.pipeline.sweep import Cell, Grid, append_result, identity, read_results
 
 
 def expert_config(cfg: presets.PipelineConfig) -> presets.PipelineConfig:
@@ -36,11 +36,20 @@ def expert_config(cfg: presets.PipelineConfig) -> presets.PipelineConfig:
     of those keys: a Math+Code MoDE run and a Code-only expert run share the Code expert."""
     return dataclasses.replace(cfg, lora=presets.LoraSection(), domains=dataclasses.replace(cfg.domains, targets=()),
                                lr=dataclasses.replace(presets.LrSection(), mode=cfg.lr.mode),
-                               train=dataclasses.replace(cfg.train, steps=presets.TrainSection().steps))
+                               train=dataclasses.replace(cfg.train, steps=presets.TrainSection().steps),
+                               data=dataclasses.replace(cfg.data, train_examples=0),
+                               mode=dataclasses.replace(cfg.mode, uninit_experts="random"))
 
 
 def _key(cfg: presets.PipelineConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_identity_with_dir(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _identity_with_dir(cfg: presets.PipelineConfig) -> dict:
+    # As before LATER_DEFAULTS existed (data.dir kept), so stage-1 experts already trained keep their key.
+    config = identity(cfg)
+    config["data"]["dir"] = cfg.data.dir
+    return config
 
 
 def check(grid: Grid) -> None:
