@@ -25,12 +25,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from mode_jax.fast import btx as fast_btx
 from mode_jax.fast import loss as fast_loss
 from mode_jax.fast import model
 from mode_jax.fast import optim
 from mode_jax.fast.config import FastConfig
 from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
 from mode_jax.ref.methods import merge
+from mode_jax.ref.train import objective
 
 
 def init_opt_state(trainable, opt: OptimConfig):
@@ -78,16 +80,19 @@ def routing(probs: list[jax.Array]) -> jax.Array:
 
 def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, fast: FastConfig,
                   lora: LoraConfig | None = None, *, with_routing: bool = False, with_tokens: bool = False,
-                  hooks=None) -> dict:
+                  hooks=None, gate_top_k: int | None = None) -> dict:
     """{"loss", "accuracy", "tokens"} of a batch {"tokens": [B, T + 1], "mask": [B, T] optional},
     plus "routing" ([n_blocks, E] for MoDE, else None) if `with_routing` and "token_correct",
     "token_nll" ([B, T], `token_stats`) if `with_tokens`. `hooks`: the sharded steps'
-    `model.Hooks` (MoDE only)."""
+    `model.Hooks` (MoDE only); `gate_top_k`: MoDE's top-k gate (None: dense)."""
     tokens = batch["tokens"]
     backbone = params["backbone"]
-    probs = None
-    if "blocks" in params and "lora" not in params:
-        out = model.mode_hidden(params, tokens[:, :-1], cfg, fast, return_probs=with_routing, hooks=hooks)
+    probs = btx_stats = None
+    if "btx" in params:
+        h, btx_stats = fast_btx.btx_router_stats(params, tokens[:, :-1], cfg, fast)     # [B, T, D]
+    elif "blocks" in params and "lora" not in params:
+        out = model.mode_hidden(params, tokens[:, :-1], cfg, fast, return_probs=with_routing, hooks=hooks,
+                                gate_top_k=gate_top_k)
         h, probs = out if with_routing else (out, None)                           # [B, T, D]
     else:
         h = model.hidden(params, tokens[:, :-1], cfg, fast, lora)                 # [B, T, D]
@@ -96,6 +101,11 @@ def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, fast: FastConfig,
     out = fast_loss.next_token_metrics(hn, w, tokens[:, 1:], batch.get("mask"), chunk=fast.loss_chunk)
     if with_routing:
         out["routing"] = None if probs is None else routing(probs)
+    if btx_stats is not None:
+        if btx_stats["aux_loss"] is not None:
+            out["aux_loss"] = btx_stats["aux_loss"]     # BTX's load balancing (ref.train.objective)
+        if with_routing:
+            out["routing"] = btx_stats["routing"]       # [L, E] mean top-k weights (None in stage 1)
     if with_tokens:
         out["token_correct"], out["token_nll"] = token_stats(hn, w, tokens[:, 1:], chunk=fast.loss_chunk)
     return out
@@ -107,7 +117,7 @@ def step(metrics_fn: Callable, trainable, frozen, opt_state, batch, peak_lr=None
     metrics_fn(params, batch) -> {"loss", ...}; `peak_lr` (traced) overrides opt.learning_rate."""
     def loss_fn(t):
         metrics = metrics_fn(merge(t, frozen), batch)
-        return metrics["loss"], metrics
+        return objective(metrics), metrics
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     trainable, opt_state, stats = optim.apply(grads, opt_state, trainable, opt, peak_lr=peak_lr)

@@ -16,6 +16,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from mode_jax.ref.btx import btx_hidden, router_stats
 from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
 from mode_jax.ref.llama import check_tokens, lm_head
 from mode_jax.ref.methods import apply, merge
@@ -59,26 +60,40 @@ def next_token_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array | 
 
 
 def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, lora: LoraConfig | None = None, *,
-                  with_routing: bool = False, with_tokens: bool = False) -> dict:
+                  with_routing: bool = False, with_tokens: bool = False, gate_top_k: int | None = None) -> dict:
     """next_token_metrics of the model on `batch`; with_routing adds "routing" (each MoDE
     block's mean gate probabilities [n_blocks, E], None for other models), with_tokens
-    "token_correct" and "token_nll" ([B, T] each, `token_stats`)."""
+    "token_correct" and "token_nll" ([B, T] each, `token_stats`). `gate_top_k`: MoDE's
+    top-k gate (ref.mode.top_k_logits; None: dense)."""
     tokens = batch["tokens"]                                                          # [B, T + 1]
     check_tokens(tokens, "batch_metrics: batch['tokens']")
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    routing = None
-    if with_routing and "blocks" in params and "lora" not in params:
-        h, probs = mode_hidden(params, inputs, cfg, return_probs=True)            # probs: [B, T, E] per block
+    routing = aux = None
+    if "btx" in params:
+        h, router_logits = btx_hidden(params, inputs, cfg, return_logits=True)   # [B, T, E] per layer
+        logits = lm_head(params["backbone"], h, cfg)
+        stats = router_stats(router_logits)                                     # None for stage 1
+        routing, aux = stats["routing"], stats["aux_loss"]                      # [L, E], scalar
+    elif with_routing and "blocks" in params and "lora" not in params:
+        h, probs = mode_hidden(params, inputs, cfg, return_probs=True, gate_top_k=gate_top_k)   # [B, T, E] per block
         logits = lm_head(params["backbone"], h, cfg)
         routing = jnp.stack([p.mean(axis=(0, 1)) for p in probs])               # [n_blocks, E]
     else:
-        logits = apply(params, inputs, cfg, lora)
+        logits = apply(params, inputs, cfg, lora, gate_top_k=gate_top_k)
     out = next_token_metrics(logits, targets, batch.get("mask"))
+    if aux is not None:
+        out["aux_loss"] = aux       # BTX's load balancing: in the objective, never in "loss"
     if with_routing:
         out["routing"] = routing
     if with_tokens:
         out["token_correct"], out["token_nll"] = token_stats(logits, targets)
     return out
+
+
+def objective(metrics: dict) -> jax.Array:
+    """What training minimises: the next-token loss, plus an auxiliary loss where the
+    model has one (BTX's load balancing, `batch_metrics`' "aux_loss")."""
+    return metrics["loss"] + metrics["aux_loss"] if "aux_loss" in metrics else metrics["loss"]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt", "lora"))
@@ -87,7 +102,7 @@ def train_step(trainable: dict, frozen: dict, opt_state: dict, batch: dict, *,
     """One AdamW step on the trainable part. Returns (trainable, opt_state, metrics)."""
     def loss_fn(t):
         metrics = batch_metrics(merge(t, frozen), batch, cfg, lora)
-        return metrics["loss"], metrics
+        return objective(metrics), metrics
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     trainable, opt_state, stats = adamw_update(grads, opt_state, trainable, opt)
