@@ -76,9 +76,12 @@ class Forward:
     lora: LoraConfig | None
     fast: FastConfig                # the compute dtype (both forwards) and how fast/ computes
     reference: bool = False         # ref/'s forward on the unstacked params
+    gate_top_k: int | None = None   # MoDE's top-k gate (ModeConfig.gate_top_k; None: dense)
 
     def metrics(self, params: dict, batch: dict, **kw) -> dict:
         """`batch_metrics` (fast/train.py or ref/train.py) of the stacked `params`."""
+        if self.gate_top_k is not None:
+            kw = {**kw, "gate_top_k": self.gate_top_k}
         if self.reference:
             ref_params = to_ref(fast_train.to_compute(params, self.fast.dtype))
             return ref_train.batch_metrics(ref_params, batch, self.cfg, self.lora, **kw)
@@ -107,18 +110,19 @@ def shardable(method: str) -> bool:
 def make_steps(method: str, cfg: LlamaConfig, *, opt: OptimConfig, lora: LoraConfig | None = None,
                compute_dtype: str = "float32", backend: str = "auto", expert_layers: int | None = None,
                layer_loop: str = "auto", parallelism=None, params_like: dict | None = None,
-               batch_size: int | None = None, seq_len: int | None = None) -> Steps:
+               batch_size: int | None = None, seq_len: int | None = None, gate_top_k: int | None = None) -> Steps:
     """Train/eval steps for `method` ("stage1", "stage2", ..., "full", "lora").
 
     backend: "ref", or "fast" / "auto" (the same). parallelism: None (one device) or a
     `mode_jax.distributed.Parallelism`; for a shardable method it gives "spmd" or "mpmd"
     steps, which need params_like (reference-layout params or their shapes), batch_size
     and seq_len, and raise ValueError before compiling when the layout does not fit.
-    Callers hold params in the reference layout; `Steps.to_backend` / `from_backend` convert."""
+    Callers hold params in the reference layout; `Steps.to_backend` / `from_backend` convert.
+    gate_top_k: MoDE's top-k gate (ref.mode.top_k_logits; None: dense), one device only."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     fast = FastConfig(compute_dtype=compute_dtype, layer_loop=layer_loop)
-    forward = Forward(cfg, lora, fast, reference=backend == "ref")
+    forward = Forward(cfg, lora, fast, reference=backend == "ref", gate_top_k=gate_top_k)
     to_backend = functools.partial(to_fast, expert_layers=expert_layers)
     # The peak learning rate is traced: the static config holds a unit one.
     unit = dataclasses.replace(opt, learning_rate=1.0)
@@ -129,6 +133,8 @@ def make_steps(method: str, cfg: LlamaConfig, *, opt: OptimConfig, lora: LoraCon
                    backend="ref" if forward.reference else "fast", to_backend=to_backend, from_backend=to_ref)
     if parallelism is None or not shardable(method):
         return single
+    if gate_top_k is not None:
+        raise ValueError("mode.gate_top_k (top-k gating) trains on one device: drop --mesh / --placement")
     like = jax.eval_shape(to_backend, params_like)
     build = _spmd_steps if parallelism.kind == "spmd" else _mpmd_steps
     return build(parallelism, like, cfg, opt, METHODS[method], fast, batch_size, seq_len, single)

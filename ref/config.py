@@ -138,9 +138,15 @@ class ModeConfig:
     # retention in the cpu preset (docs/results/cpu/README.md).
     gate_init: str = "backbone"
     gate_margin: float = 4.0
+    # None: the dense gate of eq. 2 (every stack weighted). k: each token keeps its k largest
+    # of the N + 1 gate logits and takes the softmax over those alone (`ref.mode.top_k_logits`);
+    # k >= N + 1 is the dense gate.
+    gate_top_k: int | None = None
 
     def __post_init__(self):
         _positive_int(self, "n_blocks", "expert_layers")
+        if self.gate_top_k is not None:
+            _positive_int(self, "gate_top_k")
         _require(isinstance(self.n_experts, int) and self.n_experts >= 0,
                  f"ModeConfig.n_experts must be an integer >= 0, got {self.n_experts!r}")
         _require(self.expert_init in EXPERT_INITS,

@@ -8,7 +8,9 @@ consecutive layers. Block i also holds N experts, each a stack of
     y = a_bb f_bb(x) + sum_j a_j f_j(x)                            (eq. 1)
 
 Backbone and experts are pre-norm residual stacks, so y is a convex mix of full
-hidden states. The gate runs in float32 on the block input.
+hidden states. The gate runs in float32 on the block input. With top-k gating
+(ModeConfig.gate_top_k, an answer to the reviewers) each token keeps only its k
+largest logits and the softmax runs over those (`top_k_logits`).
 
 Params: {"backbone": <llama params>, "blocks": [{"experts": [[layer] * expert_layers] * N,
 "gate_w": [D, E], "gate_b": [E]}] * n_blocks} with E = N + 1 and column 0 the
@@ -43,6 +45,20 @@ def gated_combine(logits: jax.Array, outputs: jax.Array) -> jax.Array:
     probs = jax.nn.softmax(upcast(logits), axis=-1)                              # [..., E]
     mixed = jnp.einsum("...E,E...D->...D", probs, upcast(outputs))
     return mixed.astype(outputs.dtype)
+
+
+def top_k_logits(logits: jax.Array, k: int | None) -> jax.Array:
+    """Top-k gating: logits [..., E] with all but each row's k largest set to -inf, so the
+    softmax of the result is the softmax over the kept logits alone (renormalised) and exactly
+    0 elsewhere. k None (or >= E) returns the logits unchanged: the dense gate. The gradient
+    is the kept logits' softmax gradient (the selection itself is piecewise constant); ties
+    keep the lower index, as `lax.top_k` does."""
+    n = logits.shape[-1]
+    if k is None or k >= n:
+        return logits
+    _, idx = jax.lax.top_k(logits, k)                                            # [..., k]
+    keep = jnp.any(idx[..., :, None] == jnp.arange(n), axis=-2)                   # [..., E]
+    return jnp.where(keep, logits, -jnp.inf)
 
 
 def gate_logits(block: dict, x: jax.Array) -> jax.Array:
@@ -134,9 +150,10 @@ def stage2_from_stage1(stage1: list[dict], cfg: LlamaConfig, mode: ModeConfig, *
 
 
 def mode_hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, *,
-                return_probs: bool = False):
+                return_probs: bool = False, gate_top_k: int | None = None):
     """The last block's mixed output [B, T, D] (and, optionally, each block's gate
-    probabilities [B, T, E] as a list: what the gate learned)."""
+    probabilities [B, T, E] as a list: what the gate learned). `gate_top_k`: each token
+    keeps its k largest gate logits (`top_k_logits`; None: the dense gate)."""
     check_tokens(tokens, "mode_hidden")
     backbone, blocks = params["backbone"], params["blocks"]
     n_layers = len(backbone["layers"])
@@ -148,13 +165,14 @@ def mode_hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, *,
     for i, block in enumerate(blocks):
         h_bb = layers_forward(backbone["layers"][i * per_block:(i + 1) * per_block], x, cfg)
         h_experts = [layers_forward(expert, x, cfg) for expert in block["experts"]]
-        logits = gate_logits(block, x)                                            # [B, T, E]
+        logits = top_k_logits(gate_logits(block, x), gate_top_k)                  # [B, T, E]
         if return_probs:
             probs.append(jax.nn.softmax(logits, axis=-1))
         x = gated_combine(logits, jnp.stack([h_bb, *h_experts]))                 # [B, T, D]
     return (x, probs) if return_probs else x
 
 
-def mode_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig) -> jax.Array:
+def mode_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig, *,
+                 gate_top_k: int | None = None) -> jax.Array:
     """tokens [B, T] -> float32 logits [B, T, V]."""
-    return lm_head(params["backbone"], mode_hidden(params, tokens, cfg), cfg)
+    return lm_head(params["backbone"], mode_hidden(params, tokens, cfg, gate_top_k=gate_top_k), cfg)
