@@ -20,7 +20,11 @@ and loss of `fast/model.py` and `fast/loss.py` (bf16 compute, cuDNN attention), 
 `--batch` sequences of `--seq` tokens; the global batch must divide by every mesh's
 dp size (the default, 8 per device, does for up to 8 devices).
 
-GPU machine (any number of GPUs; one process per host with --coordinator etc.):
+`--merge stacked` times the stacked merge instead of the fused one (under MPMD the fused
+merge ships each expert's r, u and W, 3.67x the stacked merge's bytes: docs/distributed.md).
+
+GPU machine (any number of GPUs of one host; MPMD runs in one process, SPMD also across
+hosts with --coordinator etc.):
     python bench/sharding_bench.py
 CPU smoke test (8 forced devices, < 2 minutes):
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/sharding_bench.py --small
@@ -145,6 +149,8 @@ def main(argv=None) -> None:
                         "float32 if --small); master weights, gates, optimizer stay float32")
     p.add_argument("--remat", default="none", choices=("none", "dots", "full"),
                    help="rematerialisation of each layer (FastConfig.remat)")
+    p.add_argument("--merge", default="fused", choices=("fused", "stacked"),
+                   help="how each block merges (FastConfig.merge; default: fused)")
     p.add_argument("--spmd-mesh", default="fsdp", help="SPMD mesh, --mesh syntax (default: fsdp)")
     p.add_argument("--mpmd-axes", default="dp", help="axes inside each MPMD sub-mesh (default: dp)")
     p.add_argument("--coordinator", default=None, help="multi-process: coordinator HOST:PORT or 'auto'")
@@ -158,7 +164,7 @@ def main(argv=None) -> None:
     args.steps = args.steps or (2 if args.small else 10)
     args.warmup = 1 if args.small else args.warmup
     args.fast = FastConfig(compute_dtype=args.compute_dtype or ("float32" if args.small else "bfloat16"),
-                           remat=args.remat)
+                           remat=args.remat, merge=args.merge)
     cfg = (LlamaConfig.tiny(vocab_size=128, n_layers=6) if args.small else LlamaConfig.smollm2_135m())
     opt = OptimConfig(learning_rate=1e-3, warmup_steps=1, total_steps=1000)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)

@@ -82,6 +82,12 @@ class MpmdStep:
         compiler_options go to every `jax.jit` (tests use them to compile faster)."""
         if trainable not in MPMD_TRAINABLE:
             raise ValueError(f"MPMD trains {MPMD_TRAINABLE} (the backbone is frozen), got {trainable!r}")
+        if jax.process_count() > 1:
+            # Placing, gathering and checkpointing the state, and the loop's metrics and
+            # finiteness checks, read sub-meshes this process cannot address when they live
+            # on another; transfers between processes need jax's DCN flags (docs/distributed.md).
+            raise ValueError(f"MPMD (--placement) runs in one process, not {jax.process_count()}: "
+                             "across processes use --mesh (SPMD)")
         devices = list(jax.devices() if devices is None else devices)
         n_blocks, n_experts = params["blocks"]["experts"]["wq"].shape[:2]
         self.placement = placement.resolve(n_experts, len(devices))

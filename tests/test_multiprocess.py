@@ -3,7 +3,8 @@ by `jax.distributed.initialize` (--coordinator 127.0.0.1:PORT) train a tiny MoDE
 one `--mesh dp=4,fsdp=2` spanning both. One process is SIGKILLed mid-run (after a
 checkpoint, with a step logged past it); both restart with --resume and end with the
 expert of an uninterrupted run of the same mesh (float32 tolerance table). Each process
-writes its own shards of the checkpoint; only process 0 writes the run's other files."""
+writes its own shards of the checkpoint; only process 0 writes the run's other files.
+MPMD (`--placement`) across processes is refused in one line."""
 
 from __future__ import annotations
 
@@ -36,13 +37,13 @@ def _env(tmp_path, devices: int) -> dict:
             "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
-def _start_pair(tmp_path, out, tag, *extra) -> list[subprocess.Popen]:
+def _start_pair(tmp_path, out, tag, *extra, args=ARGS) -> list[subprocess.Popen]:
     """Processes 0 and 1 of one run; their output goes to files (a full pipe would block them)."""
     port = _free_port()
     procs = []
     for i in range(2):
         log = open(tmp_path / f"{tag}-{i}.log", "wb")
-        cmd = [sys.executable, "-m", "mode_jax.cli", *ARGS, "--out", str(out), "--coordinator",
+        cmd = [sys.executable, "-m", "mode_jax.cli", *args, "--out", str(out), "--coordinator",
                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *extra]
         procs.append(subprocess.Popen(cmd, env=_env(tmp_path, 4), stdout=log, stderr=subprocess.STDOUT))
         log.close()
@@ -93,3 +94,22 @@ def test_two_processes_sigkill_one_resume_both(tmp_path):
         assert_close(m["loss"], r["loss"], err_msg=f"step {m['step']}")
         assert m["tokens_seen"] == r["tokens_seen"]
     assert not (out / "checkpoints").exists()                        # the finished phase deleted them
+
+
+def test_mpmd_across_processes_is_refused_in_one_line(tmp_path):
+    """MPMD needs every sub-mesh in one process (docs/distributed.md): across 2 processes
+    `--placement` is refused with exit 2 and one line, before the run directory is written."""
+    out = tmp_path / "mpmd"
+    args = [a for a in ARGS if a not in ("--mesh", "dp=4,fsdp=2")]
+    procs = _start_pair(tmp_path, out, "mpmd", "--placement", "backbone=0-3;experts=4-7", args=args)
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        _kill_all(procs)
+    for i, code in enumerate(codes):
+        log = (tmp_path / f"mpmd-{i}.log").read_text()
+        errors = [line for line in log.splitlines() if "error:" in line]
+        assert code == 2, log[-3000:]
+        assert errors == ["mode-jax train-expert: error: MPMD (--placement) runs in one process, not 2: "
+                          "across processes use --mesh (SPMD)"], log[-3000:]
+    assert not out.exists()
