@@ -17,14 +17,14 @@ from hypothesis import given, settings, strategies as st
 from mode_jax.fast import params as P
 from mode_jax.ref.config import LlamaConfig, LoraConfig, ModeConfig
 from mode_jax.ref.lora import lora_merge
-from mode_jax.ref.lora_moe import init_lora_moe, lora_moe_hidden, mixed_projection, router_probs
+from mode_jax.ref.lora_moe import init_lora_moe, mixed_projection, router_probs
 from mode_jax.ref.llama import llama_forward
 from mode_jax.ref.methods import METHODS, apply, init_method, partition
 from tests import numpy_llama
 from tests.test_fast_model import CFG as FAST_MODEL_CFG
 from tests.test_fast_model import DTYPES, fast_logits, ref_logits, tolerance_dtype, vjp_fast, vjp_ref
 from tests.test_fast_params import random_params, to_fast_jit, trained_loras
-from tests.tolerances import PROBABILITY_SUM, assert_close
+from tests.tolerances import assert_close
 
 CFG = LlamaConfig.tiny()                  # 4 layers, D 32, F 64, 4 query heads of 8, 2 kv heads
 LORA = LoraConfig(rank=4, alpha=8.0)
@@ -125,9 +125,6 @@ def test_init_starts_as_the_average_of_the_stage1_loras():
         layer["gate_w"] = jnp.asarray(np.random.default_rng(3).standard_normal(layer["gate_w"].shape), jnp.float32)
     assert_close(ref_logits({"backbone": backbone, "lora_moe": same}, tok, CFG, LORA),
                  apply(stage1[0], tok, CFG, LORA), scale=5)
-    _, probs = lora_moe_hidden({"backbone": backbone, "lora_moe": same}, tok, CFG, LORA, return_probs=True)
-    assert len(probs) == CFG.n_layers
-    np.testing.assert_allclose(np.asarray(probs[0]).sum(-1), 1.0, **PROBABILITY_SUM)
 
 
 def test_methods_and_partitions():
@@ -163,7 +160,7 @@ def test_stacked_layout_round_trip_is_exact():
         np.testing.assert_array_equal(np.asarray(x), y)
 
 
-@settings(max_examples=4)
+@settings(max_examples=3)
 @given(shape=st.sampled_from([(2, 8), (1, 11)]), n_experts=st.sampled_from([1, 3]),
        targets=st.sampled_from(["attn", "attn_mlp"]), dtype=st.sampled_from(sorted(DTYPES)),
        seed=st.integers(0, 2**16))
@@ -177,11 +174,12 @@ def test_fast_forward_matches_ref(shape, n_experts, targets, dtype, seed):
     assert_close(got, ref_logits(params, tok, CFG, lora), dtype=tol_dtype, scale=2)
 
 
-@pytest.mark.parametrize("trainable", ["lora_moe", "lora_moe_routers"])
-@settings(max_examples=2)
-@given(targets=st.sampled_from(["attn", "attn_mlp"]), dtype=st.sampled_from(sorted(DTYPES)),
-       layer_loop=st.sampled_from(["scan", "python"]), seed=st.integers(0, 2**16))
-def test_fast_gradients_match_ref(trainable, targets, dtype, layer_loop, seed):
+# Each pairing once (every compile costs seconds on CPU); hypothesis draws the rest.
+@pytest.mark.parametrize("trainable, dtype", [("lora_moe", "float32"), ("lora_moe_routers", "bfloat16")])
+@settings(max_examples=1)
+@given(targets=st.sampled_from(["attn", "attn_mlp"]), layer_loop=st.sampled_from(["scan", "python"]),
+       seed=st.integers(0, 2**16))
+def test_fast_gradients_match_ref(trainable, dtype, targets, layer_loop, seed):
     lora = LoraConfig(rank=4, alpha=8.0, targets=targets)
     params = build(seed, 2, lora)
     tok = tokens(seed + 3, (2, 8))

@@ -4,7 +4,7 @@
     compose        stage 2: N expert files + a gate of N + 1 outputs on the mixture of their
                    domains; experts and gates train, or (freeze) gates only
     uninit         stage 2 without stage 1: N random experts on the mixture
-    finetune       baselines on the same mixture and token budget: full FT, LoRA
+    finetune       baselines on the same mixture and token budget: full FT, LoRA, block expansion
     evaluate       next-token loss / accuracy per domain (retention included), routing
 
 `prepare` checks every input (domains, data, model, tokenizer) and loads them; it
@@ -112,6 +112,10 @@ def _sampler(ctx: Context, domains, batch_size: int, examples: int = 0) -> Mixtu
     return MixtureSampler(arrays, batch_size=batch_size, seq_len=seq_len, seed=ctx.cfg.train.seed)
 
 
+# Top-k gating (mode.gate_top_k) applies where N experts are mixed; stage 1 (one expert) stays dense.
+TOP_K_METHODS = ("stage2", "stage2_frozen", "uninit")
+
+
 def make_steps(ctx: Context, method: str, *, opt: OptimConfig, lora: LoraConfig | None = None,
                params_like: dict | None = None, parallel: bool = True) -> Steps:
     """The steps of `method` as the config and `--mesh` / `--placement` (unless not `parallel`)
@@ -124,7 +128,8 @@ def make_steps(ctx: Context, method: str, *, opt: OptimConfig, lora: LoraConfig 
                                      layer_loop=cfg.model.layer_loop, backend=cfg.model.backend,
                                      expert_layers=cfg.mode.expert_layers, parallelism=parallelism,
                                      params_like=params_like, batch_size=cfg.train.batch_size,
-                                     seq_len=cfg.data.seq_len)
+                                     seq_len=cfg.data.seq_len,
+                                     gate_top_k=(cfg.mode.gate_top_k or None) if method in TOP_K_METHODS else None)
     except ValueError as err:
         if parallelism is None:
             raise
@@ -159,7 +164,7 @@ def _train(ctx: Context, run: RunDir, *, phase: str, params: dict, method: str, 
 
 
 def evaluate_params(ctx: Context, params: dict, *, method: str, desc: str) -> dict[str, Any]:
-    lora = lora_config(ctx.cfg) if "lora" in params else None
+    lora = lora_config(ctx.cfg) if "lora" in params or "lora_moe" in params else None
     steps = make_steps(ctx, method, opt=OptimConfig(), lora=lora, parallel=False)
     start = time.perf_counter()
     per_domain = engine.evaluate(steps, params, ctx.eval_sets, batch_size=ctx.cfg.data.eval_batch_size,
@@ -234,21 +239,27 @@ def uninit(ctx: Context, run: RunDir, domains) -> dict | None:
     (the paper's uninit), or with mode.uninit_experts = "copy" copies of the backbone's
     layers, as stage 1 starts from, so that uninit's two changes can be told apart."""
     cfg = ctx.cfg
-    mode = sources.mode_config(cfg, len(domains))
+    n = cfg.mode.n_experts or len(domains)      # mode.n_experts: e.g. 1, the capacity control
+    mode = sources.mode_config(cfg, n)
     key = jax.random.key(cfg.train.seed)
     if cfg.mode.uninit_experts == "copy":
         # Same parameter structure (and so the same "uninit" partition), experts copied.
         from mode_jax.ref.mode import init_mode
         params = init_mode(key, ctx.backbone.params, ctx.llama, dataclasses.replace(mode, expert_init="copy"))
-        label = f"mode-{len(domains)}x-uninit-copied"
+        label = f"mode-{n}x-uninit-copied"
     else:
         params = init_method("uninit", key, ctx.backbone.params, ctx.llama, mode=mode)
-        label = f"mode-{len(domains)}x-uninit"
-    return _finish_mixture(ctx, run, label, "uninit", params, domains, cfg.lr.mode, {})
+        label = f"mode-{n}x-uninit"
+    # Experts not one per domain (mode.n_experts) are named by position in the routing columns.
+    extra = {} if n == len(domains) else {"routing_columns": ["backbone", *(f"expert-{j + 1}" for j in range(n))]}
+    return _finish_mixture(ctx, run, label, "uninit", params, domains, cfg.lr.mode, extra)
 
 
 def finetune(ctx: Context, run: RunDir, method: str) -> dict | None:
-    """Baselines on the target mixture: full fine-tuning or LoRA."""
+    """Baselines on the target mixture: full fine-tuning, LoRA or block expansion."""
+    if method == "block_expansion":
+        from mode_jax.pipeline import expansion      # LLaMA Pro's new layers (pipeline/expansion.py)
+        return expansion.finetune(ctx, run)
     cfg = ctx.cfg
     lora = lora_config(cfg) if method == "lora" else None
     params = init_method(method, jax.random.key(cfg.train.seed), ctx.backbone.params, ctx.llama, lora=lora)
@@ -272,7 +283,7 @@ def _finish_mixture(ctx, run, label, method, params, domains, lr, extra, lora=No
             "base_model": ctx.backbone.base}
     if run.writer:
         expert_io.save_model(run.path / "model.safetensors", out.params, method=method, metadata=info)
-    cols = ["backbone", *domains] if "blocks" in out.params else None
+    cols = extra.get("routing_columns") or (["backbone", *domains] if "blocks" in out.params else None)
     return _result(ctx, run, label=label, method=method, params=out.params, outcome=out,
                    extra={**extra, "model_file": "model.safetensors", "domains_trained": list(domains),
                           "routing_columns": cols})

@@ -42,15 +42,18 @@ from mode_jax.errors import UserError
 from mode_jax.integrity import strict_json
 from mode_jax.pipeline import presets
 
-METHODS = ("backbone", "expert", "full", "lora", "uninit", "mode", "mode-frozen")
+METHODS = ("backbone", "expert", "full", "lora", "uninit", "mode", "mode-frozen", "lora-moe", "lora-moe-frozen",
+           "btx", "block_expansion")
 LR_KEY = {"full": "lr.full", "lora": "lr.lora", "uninit": "lr.mode", "expert": "lr.mode", "mode": "lr.mode",
-          "mode-frozen": "lr.mode"}
+          "mode-frozen": "lr.mode", "lora-moe": "lr.lora", "lora-moe-frozen": "lr.lora",
+          "btx": "lr.full", "block_expansion": "lr.expansion"}
 SWEEP_KEYS = {"base", "seeds", "baseline", "set", "cell"}
 RESULTS = "results.jsonl"
 # Keys added after the first sweeps ran: at these defaults they leave a run's identity (and
 # its stage-1 experts' key) unchanged, so results recorded before them still count as done.
 LATER_DEFAULTS = {"data.eval_split": "test", "data.train_examples": 0, "data.stage1_examples": 0,
-                  "mode.uninit_experts": "random"}
+                  "mode.uninit_experts": "random", "mode.gate_top_k": 0, "mode.n_experts": 0,
+                  "lr.expansion": 1e-3, "expansion.every": 5}
 
 
 def identity(cfg: presets.PipelineConfig) -> dict:
@@ -63,6 +66,8 @@ def identity(cfg: presets.PipelineConfig) -> dict:
         section, name = key.split(".")
         if config[section].get(name) == default:
             del config[section][name]
+            if not config[section]:         # a section added later, all at its defaults
+                del config[section]
     return config
 
 

@@ -38,7 +38,8 @@ def expert_config(cfg: presets.PipelineConfig) -> presets.PipelineConfig:
                                lr=dataclasses.replace(presets.LrSection(), mode=cfg.lr.mode),
                                train=dataclasses.replace(cfg.train, steps=presets.TrainSection().steps),
                                data=dataclasses.replace(cfg.data, train_examples=0),
-                               mode=dataclasses.replace(cfg.mode, uninit_experts="random"))
+                               mode=dataclasses.replace(cfg.mode, uninit_experts="random", gate_top_k=0, n_experts=0),
+                               expansion=presets.ExpansionSection())
 
 
 def _key(cfg: presets.PipelineConfig) -> str:
@@ -126,6 +127,12 @@ def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | 
                                             fingerprint=ctx.backbone.fingerprint)
         main = _phase(ctx, run_path, cell.method,
                       lambda run: stages.compose(ctx, run, experts, freeze=cell.method == "mode-frozen"))
+    elif cell.method == "btx":
+        from mode_jax.pipeline import btx          # per-domain MLP branches (shared under <out>/branches/), then stage 2
+        main = btx.sweep_cell(ctx, out, run_path, phases)
+    elif cell.method in ("lora-moe", "lora-moe-frozen"):
+        from mode_jax.pipeline import lora_moe     # per-domain LoRAs (shared under <out>/loras/), then stage 2
+        main = lora_moe.sweep_cell(ctx, cell.method, out, run_path, phases)
     elif cell.method == "backbone":
         main = _phase(ctx, run_path, "backbone", lambda run: stages.evaluate_backbone(ctx, run))
     elif cell.method == "uninit":
