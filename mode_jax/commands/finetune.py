@@ -1,12 +1,15 @@
-"""`mode-jax finetune --method full|lora`: the paper's baselines, on the same mixture and budget.
+"""`mode-jax finetune --method full|lora|block_expansion`: baselines, on the same mixture and budget.
 
-Both train on the mixture of the target domains (domains.targets, equal rows per
+Each trains on the mixture of the target domains (domains.targets, equal rows per
 domain) for train.steps steps of train.batch_size rows, the budget of `compose`'s stage 2
 (a composed MoDE has also seen its experts' stage-1 tokens; the sweep's token-matched
 budget gives the baselines those too):
   full   every backbone weight (embedding and LM head included), learning rate lr.full
   lora   low-rank adapters W + (alpha / rank) A B on the attention projections
          (lora.targets = "attn", rank lora.rank = 16: the paper's best), lr.lora
+  block_expansion  LLaMA Pro: a new layer after every expansion.every-th backbone layer (default
+         5), a copy of the layer below with its attention output and MLP down projections
+         zeroed (the model starts as the backbone); only the new layers train, lr.expansion
 
     mode-jax finetune --method lora --preset cpu --out runs/lora
 """
@@ -19,9 +22,9 @@ from mode_jax.pipeline import cliargs
 
 
 def register(sub) -> None:
-    p = sub.add_parser("finetune", help="baselines: full fine-tuning or LoRA on the same mixture",
+    p = sub.add_parser("finetune", help="baselines: full fine-tuning, LoRA or block expansion on the same mixture",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=("full", "lora"))
+    p.add_argument("--method", required=True, choices=("full", "lora", "block_expansion"))
     p.add_argument("--steps", type=int, default=None, help="training steps (= --set train.steps=N)")
     cliargs.add_config_args(p)
     cliargs.add_run_args(p)
@@ -38,6 +41,9 @@ def run(args) -> int:
     cfg = cliargs.config_from_args(args)
     deadline = cliargs.deadline(args)
     ctx = stages.prepare(cfg, cfg.domains.targets, progress=not args.quiet)
+    if args.method == "block_expansion":
+        from mode_jax.pipeline import expansion
+        expansion.config(ctx)           # expansion.every must divide the backbone's depth: refused before any file
     cliargs.start(ctx, args, deadline)
     run_dir = cliargs.open_run(args, cfg, ctx, kind=f"finetune-{args.method}", out_name=f"finetune-{args.method}",
                                info={"method": args.method})

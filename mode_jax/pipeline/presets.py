@@ -88,6 +88,12 @@ class ModeSection:
     # The uninit method's experts (no stage 1): "random" (the paper's uninit) or "copy" (copies
     # of the backbone's layers, as expert_init = "copy" gives stage 1: no stage 1, copied experts).
     uninit_experts: str = "random"
+    # Top-k gating (ModeConfig.gate_top_k) where N experts are mixed (compose, uninit; stage 1
+    # stays dense): each token keeps its k largest of the N + 1 gate weights. 0 = dense (TOML has no None).
+    gate_top_k: int = 0
+    # Experts of the uninit method (no stage 1): 0 = one per target domain. 1 with expert_layers
+    # doubled is the capacity control: one expert as large as two, trained on the mixture.
+    n_experts: int = 0
 
     def __post_init__(self):
         _fill_from_ref(self, "ModeConfig", {k: k for k in ("n_blocks", "expert_layers", "expert_init",
@@ -127,9 +133,26 @@ class LrSection:
     mode: float | None = None      # MoDE experts and gates; None: OptimConfig.learning_rate (the paper's)
     full: float = 1e-4             # full fine-tuning: every backbone weight moves, so a smaller step
     lora: float | None = None      # None: OptimConfig.learning_rate
+    # block_expansion's new layers: copied whole layers trained beside a frozen backbone, as
+    # MoDE's copied experts are, so the same default (None: OptimConfig.learning_rate).
+    expansion: float | None = None
 
     def __post_init__(self):
-        _fill_from_ref(self, "OptimConfig", {"mode": "learning_rate", "lora": "learning_rate"})
+        _fill_from_ref(self, "OptimConfig", {"mode": "learning_rate", "lora": "learning_rate",
+                                             "expansion": "learning_rate"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpansionSection:
+    # block_expansion (LLaMA Pro, ref/expansion.py): one new layer after every `every`-th
+    # backbone layer; it must divide the backbone's depth. None: ExpansionConfig's default
+    # (5: 6 new layers over SmolLM2's 30, as many as one MoDE expert; ref/expansion.py says why).
+    every: int | None = None
+
+    def __post_init__(self):
+        if self.every is None:
+            from mode_jax.ref.expansion import ExpansionConfig
+            object.__setattr__(self, "every", ExpansionConfig.every)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +162,7 @@ class DomainsSection:
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "mode": ModeSection, "lora": LoraSection,
-            "train": TrainSection, "lr": LrSection, "domains": DomainsSection}
+            "train": TrainSection, "lr": LrSection, "domains": DomainsSection, "expansion": ExpansionSection}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +176,7 @@ class PipelineConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     lr: LrSection = dataclasses.field(default_factory=LrSection)
     domains: DomainsSection = dataclasses.field(default_factory=DomainsSection)
+    expansion: ExpansionSection = dataclasses.field(default_factory=ExpansionSection)
 
     def __post_init__(self):
         validate(self)
@@ -172,13 +196,15 @@ RANGES = [
     ("data.seq_len", 2, 65536, int), ("data.eval_sequences", 1, None, int),
     ("data.eval_batch_size", 1, None, int), ("data.synthetic_documents", 10, None, int),
     ("data.train_examples", 0, None, int), ("data.stage1_examples", 0, None, int),
-    ("mode.n_blocks", 1, 256, int), ("mode.expert_layers", 1, 256, int), ("mode.gate_margin", 0.0, 100.0, float),
+    ("mode.n_blocks", 1, 256, int), ("mode.expert_layers", 1, 256, int),
+    ("mode.gate_top_k", 0, 256, int), ("mode.n_experts", 0, 256, int), ("mode.gate_margin", 0.0, 100.0, float),
     ("lora.rank", 1, 65536, int), ("lora.alpha", 1e-6, None, float),
     ("train.stage1_steps", 1, None, int), ("train.steps", 1, None, int), ("train.batch_size", 1, None, int),
     ("train.warmup_steps", 0, None, int), ("train.min_lr_ratio", 0.0, 1.0, float),
     ("train.weight_decay", 0.0, 1.0, float), ("train.clip_norm", 0.0, None, float),
     ("train.checkpoint_every", 0, None, int), ("train.log_every", 1, None, int), ("train.seed", 0, None, int),
     ("lr.mode", 1e-8, 1.0, float), ("lr.full", 1e-8, 1.0, float), ("lr.lora", 1e-8, 1.0, float),
+    ("lr.expansion", 1e-8, 1.0, float), ("expansion.every", 1, 256, int),
 ]
 CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16"),
