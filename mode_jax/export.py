@@ -95,7 +95,7 @@ def load_run(run_dir: str | os.PathLike, *, progress: bool = False) -> LoadedRun
     cfg = run.config()
     ctx = stages.prepare(cfg, progress=progress)
     params, method, label = _load_run(run, ctx)
-    lora = stages.lora_config(cfg) if method == "lora" else None
+    lora = stages.lora_config(cfg) if method in ("lora", "lora_moe", "lora_moe_frozen") else None
     return LoadedRun(params=params, config=ctx.llama, method=method, lora=lora, label=label,
                      backbone=ctx.backbone, source=cfg.model.source)
 
@@ -121,7 +121,8 @@ def check_exportable(method: str, to: str, run_dir) -> None:
         raise UserError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
     if method not in ("lora", "full"):
         what = "a PEFT adapter" if to == "peft" else "a transformers model"
-        raise UserError(f"{run_dir} is a MoDE run (method {method}): MoDE has no form as {what}; it stays "
+        kind = "a LoRA-MoE" if method.startswith("lora_moe") else "a MoDE"     # per-token mixtures of weights
+        raise UserError(f"{run_dir} is {kind} run (method {method}): it has no form as {what}; it stays "
                         f"in mode-jax's format (the run's .safetensors files): load it in one call with "
                         f"mode_jax.export.load_run({str(run_dir)!r})")
     if method == "full" and to == "peft":

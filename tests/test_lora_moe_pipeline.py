@@ -36,7 +36,7 @@ def _model(run):
     return result, params, method
 
 
-def test_compose_lora_trains_loras_and_routers_and_evaluates_back(loras, tmp_path):
+def test_compose_lora_trains_loras_and_routers_and_evaluates_back(loras, tmp_path, capsys):
     out = tmp_path / "moe"
     assert main(["compose-lora", "--loras", *map(str, loras), "--steps", "2", "--out", str(out), *SMOKE]) == 0
     result, params, method = _model(out)
@@ -50,6 +50,16 @@ def test_compose_lora_trains_loras_and_routers_and_evaluates_back(loras, tmp_pat
     assert np.abs(layers[0]["gate_w"]).max() > 0                          # the routers moved from zero
     _, math_lora, _ = _model(loras[0].parent)
     assert not np.array_equal(layers[0]["adapters"][0]["wq"]["b"], math_lora["lora"]["layers"][0]["wq"]["b"])
+    # load_run gives the model with its LoRA shape; it is not the backbone; export refuses it
+    from mode_jax.export import load_run
+    from mode_jax.ref.llama import llama_forward
+    loaded = load_run(out)
+    assert loaded.method == "lora_moe" and loaded.lora == lora
+    tok = np.arange(12, dtype=np.int32).reshape(1, 12) * 7 % 259
+    got, bare = loaded.logits(tok), np.asarray(llama_forward(loaded.params["backbone"], tok, loaded.config))
+    assert got.shape == (1, 12, 259) and np.isfinite(got).all() and np.abs(got - bare).max() > 1e-4
+    assert_refused(capsys, ["export", "--run", str(out), "--to", "peft", str(tmp_path / "adapter")],
+                   tmp_path / "adapter", "is a LoRA-MoE run (method lora_moe)")
     # `eval --run` rebuilds the model from its directory alone: the same numbers
     assert main(["eval", "--run", str(out), "--out", str(tmp_path / "eval"), "--quiet"]) == 0
     again = json.loads((tmp_path / "eval" / "result.json").read_text())
