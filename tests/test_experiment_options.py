@@ -302,3 +302,20 @@ def test_uninit_refuses_expert_init_and_later_keys_keep_run_ids(tmp_path, capsys
     import hashlib
     old = hashlib.sha256(json.dumps({"method": cell.method, "config": config}, sort_keys=True).encode())
     assert cell.id == old.hexdigest()[:16]
+
+
+def test_example_grids_parse():
+    """Figure 3 (right) and Figure 5 grids: the subset sizes reach the right phase's key."""
+    fig3 = sweep.load_grid(REPO / "configs/sweeps/figure3-examples-gpu.toml")
+    lora = sorted({c.cfg.data.train_examples for c in fig3.cells if c.method == "lora"})
+    expert = sorted({c.cfg.data.stage1_examples for c in fig3.cells if c.method == "expert"})
+    assert lora == expert == [0, 160, 480, 1600, 4800] and len(fig3.cells) == 30
+    assert all(c.cfg.data.stage1_examples == 0 for c in fig3.cells if c.method == "lora")
+    assert "lora train_examples=160" in {c.name for c in fig3.cells}
+    fig5 = sweep.load_grid(REPO / "configs/sweeps/figure5-gpu.toml")
+    assert {c.method for c in fig5.cells} == {"mode", "mode-frozen", "uninit"} and len(fig5.cells) == 45
+    assert sorted({c.cfg.data.train_examples for c in fig5.cells}) == [15, 50, 150, 500, 1500]
+    from mode_jax.pipeline.sweep_run import expert_config
+    # every stage-2 subset size composes the same stage-1 experts
+    assert len({json.dumps(expert_config(c.cfg).to_dict(), sort_keys=True)
+                for c in fig5.cells if c.seed == 0 and c.method != "uninit"}) == 1
