@@ -304,6 +304,17 @@ def save_model(path, params: dict, *, method: str, metadata: dict[str, Any]) -> 
     return _write_checked(path, flatten(part), meta)
 
 
+def model_info(path) -> tuple[str, dict[str, Any]]:
+    """(method, metadata) of a saved adapted model, checked (format, checksum, finite tensors)
+    without a backbone: what a command reads before it loads one (e.g. the domains of stage-1
+    files). ExpertFileError for a file that is missing or not a model file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExpertFileError(f"model file {path} does not exist")
+    meta, _ = _read_checked(path, MODEL_FORMAT, "a mode-jax model file")
+    return meta["method"], {k: json.loads(v) for k, v in meta.items() if k not in ("format", "method")}
+
+
 def load_model(path, backbone_params: dict, *, fingerprint: str) -> tuple[dict, str, dict[str, Any]]:
     """(params, method, metadata) of a saved adapted model around `backbone_params`."""
     path = Path(path)
