@@ -74,6 +74,8 @@ def run(args) -> int:
     print(f"{'domain':10s} {'accuracy':>9s} {'loss':>8s}")
     for d, v in result["domains"].items():
         print(f"{d:10s} {100 * v['accuracy']:8.2f}% {v['loss']:8.4f}")
+        if v.get("answers", {}).get("tokens"):      # a question/answer domain: its answer tokens alone
+            print(f"{'  answers':10s} {100 * v['answers']['accuracy']:8.2f}% {'':>8s}")
     return 0
 
 
