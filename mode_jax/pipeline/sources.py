@@ -180,7 +180,8 @@ def load_backbone(cfg: PipelineConfig, vocab_size: int, *, progress: bool = True
 def mode_config(cfg: PipelineConfig, n_experts: int) -> ModeConfig:
     m = cfg.mode
     return ModeConfig(n_blocks=m.n_blocks, expert_layers=m.expert_layers, n_experts=n_experts,
-                      expert_init=m.expert_init, gate_init=m.gate_init, gate_margin=m.gate_margin)
+                      expert_init=m.expert_init, gate_init=m.gate_init, gate_margin=m.gate_margin,
+                      gate_top_k=m.gate_top_k or None)
 
 
 # ----------------------------------------------------------------------------- data
