@@ -156,10 +156,11 @@ def _grads(fn, params, tok, ct):
 
 
 @settings(max_examples=4, deadline=None)
-@given(every=st.sampled_from([2, 3]), qkv_bias=st.booleans(), dtype=st.sampled_from(sorted(DTYPES)),
+@given(every=st.sampled_from([2, 4]), qkv_bias=st.booleans(), dtype=st.sampled_from(sorted(DTYPES)),
        seed=st.integers(0, 2**16))
 def test_fast_forward_and_gradients_match_ref(every, qkv_bias, dtype, seed):
-    cfg = dataclasses.replace(CFG, qkv_bias=qkv_bias)
+    # 4 layers (fewer, smaller programs to compile): new layers after 1 and 3, or after 3 only.
+    cfg = dataclasses.replace(CFG, n_layers=4, qkv_bias=qkv_bias)
     params = expanded(seed, cfg, every, identity=False)
     fast_params = P.to_fast(params)
     fast = DTYPES[dtype]
@@ -187,8 +188,7 @@ def test_layouts_round_trip_exactly():
 
 # --- the steps of fast/steps.py -----------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["ref", "fast"])
-def test_steps_move_only_wo_and_w_down_first_then_every_new_weight(backend):
+def test_steps_move_only_wo_and_w_down_first_then_every_new_weight(backend="fast"):
     params = expanded(10, CFG, 3, identity=True)
     opt = OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=4)
     steps = S.make_steps("block_expansion", CFG, opt=opt, backend=backend)
