@@ -9,7 +9,7 @@ A grid file (docs/sweep.md) names a base config, the seeds, and cells:
     set = { "train.steps" = 2000 }     # overrides for every cell (optional)
 
     [[sweep.cell]]
-    method = "full"                    # backbone, expert, full, lora, uninit, mode, mode-frozen
+    method = "full"                    # backbone, expert, full, lora, uninit, mode, mode-frozen, lora-moe, ...
     lr = [1e-3, 5e-5]                  # a list is an axis; `lr` = this method's lr key
     "train.steps" = 400                # any config key, "section.key"
 

@@ -5,6 +5,8 @@
     <out>/cells/<id>/run/            the run's directory (config, metrics.jsonl, checkpoints)
     <out>/experts/<key>/expert-<d>/  stage-1 experts, shared by every expert / mode / mode-frozen
                                      run whose stage-1 settings (and seed) are equal
+    <out>/loras/<key>/lora-<d>/      per-domain LoRAs, shared likewise by lora-moe / lora-moe-frozen
+                                     runs (pipeline/lora_moe.py)
 
 A run killed mid-way continues from its directory's last checkpoint on the next call;
 runs already in results.jsonl are skipped. Once a run is recorded its model and
