@@ -56,6 +56,13 @@ def random_params(method: str, seed: int, cfg: LlamaConfig = CFG, mode: ModeConf
         params["lora_moe"] = {"layers": [
             {"gate_w": (0.5 * rng.standard_normal((cfg.d_model, mode.n_experts))).astype(np.float32),
              "adapters": [a["layers"][i] for a in loras]} for i in range(cfg.n_layers)]}
+    elif method.startswith("btx"):
+        # BTX (ref/btx.py): a copy of every MLP (btx_branch), or seed + mode.n_experts MLPs and a router.
+        e = 1 if method == "btx_branch" else mode.n_experts + 1
+        mlp = {k: layer_shapes(cfg)[k] for k in ("w_gate", "w_up", "w_down")}
+        router = {} if e == 1 else {"gate_w": (0.5 * rng.standard_normal((cfg.d_model, e))).astype(np.float32)}
+        params["btx"] = {"layers": [{"mlps": [{k: leaf(k, s) for k, s in mlp.items()} for _ in range(e)], **router}
+                                    for _ in range(cfg.n_layers)]}
     elif method != "full":
         e = mode.n_experts + 1
         params["blocks"] = [{"experts": [[layer() for _ in range(mode.expert_layers)] for _ in range(mode.n_experts)],
@@ -75,6 +82,8 @@ def build(method, cfg=CFG, mode=MODE):
         stage1 = [init_method("stage1", jax.random.key(s), backbone, cfg, mode=mode) for s in (5, 6)]
     if method.startswith("lora_moe"):
         stage1 = trained_loras(backbone, cfg)
+    if method == "btx":
+        stage1 = [random_params("btx_branch", s, cfg, mode) for s in (5, 6)]   # branches moved apart
     return init_method(method, jax.random.key(0), backbone, cfg, mode=mode, lora=LORA, stage1=stage1)
 
 

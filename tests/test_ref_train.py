@@ -139,6 +139,9 @@ def build(method):
     if method.startswith("lora_moe"):
         from tests.test_fast_params import trained_loras
         stage1 = trained_loras(backbone, CFG, LORA)
+    if method == "btx":
+        from tests.test_fast_params import random_params     # BTX branches whose MLPs moved apart
+        stage1 = [random_params("btx_branch", s, CFG, MODE) for s in (5, 6)]
     return init_method(method, jax.random.key(0), backbone, CFG, mode=MODE, lora=LORA, stage1=stage1)
 
 
