@@ -20,6 +20,8 @@
 * A MoDE model (experts and gates beside a frozen backbone) has no PEFT or transformers
   form: it stays in mode-jax's documented format (the run's expert-*.safetensors or
   model.safetensors, see pipeline/expert_io.py) and `load_run` loads it.
+* A block-expansion run (LLaMA Pro, ref/expansion.py) is a plain Llama of L + n layers:
+  `--to hf` writes that deeper model (`ref.expansion.as_llama`); it has no adapter form.
 
 The output appears whole or not at all: it is written into a temporary directory beside
 OUT and renamed; an existing non-empty OUT is refused unless `force`.
@@ -119,9 +121,12 @@ def check_exportable(method: str, to: str, run_dir) -> None:
     """Raise UserError if a `method` run has no `to` form, saying what to do instead."""
     if to not in FORMATS:
         raise UserError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
-    if method not in ("lora", "full"):
+    if method == "block_expansion" and to == "peft":
+        raise UserError(f"{run_dir} is a block-expansion run: it adds whole layers, so there is no adapter "
+                        f"to export; use --to hf (a Llama with the new layers in its stack)")
+    if method not in ("lora", "full", "block_expansion"):
         what = "a PEFT adapter" if to == "peft" else "a transformers model"
-        kind = "a LoRA-MoE" if method.startswith("lora_moe") else "a MoDE"     # per-token mixtures of weights
+        kind = "a LoRA-MoE" if method.startswith("lora_moe") else "a BTX" if method.startswith("btx") else "a MoDE"
         raise UserError(f"{run_dir} is {kind} run (method {method}): it has no form as {what}; it stays "
                         f"in mode-jax's format (the run's .safetensors files): load it in one call with "
                         f"mode_jax.export.load_run({str(run_dir)!r})")
@@ -190,14 +195,18 @@ def write_peft(path: Path, adapters: dict, lora: LoraConfig, *, base: str | None
 
 
 def write_hf(path: Path, loaded: LoadedRun) -> None:
-    """The whole model (a LoRA run's adapters merged in) as a transformers directory."""
+    """The whole model (a LoRA run's adapters merged in, a block-expansion run's new layers in
+    its stack) as a transformers directory."""
     from mode_jax.model_io.hf_loader import save_hf_dir
     from mode_jax.ref.lora import lora_merge
 
-    backbone = loaded.params["backbone"]
+    backbone, config = loaded.params["backbone"], loaded.config
     if loaded.method == "lora":
         backbone = lora_merge(backbone, loaded.params["lora"], loaded.lora)
-    save_hf_dir(backbone, loaded.config, path)
+    if loaded.method == "block_expansion":
+        from mode_jax.ref.expansion import as_llama
+        backbone, config = as_llama(loaded.params, loaded.config)
+    save_hf_dir(backbone, config, path)
     _write_tokenizer(path, loaded)
 
 

@@ -116,6 +116,16 @@ def expansion_forward(params: dict, tokens: jax.Array, cfg: LlamaConfig) -> jax.
     return lm_head(params["backbone"], expansion_hidden(params, tokens, cfg), cfg)
 
 
+def as_llama(params: dict, cfg: LlamaConfig) -> tuple[dict, LlamaConfig]:
+    """The expanded model as what it is, a plain Llama of L + n layers (the interleaved stack
+    written out, new layer j after backbone layer (j + 1) k - 1), with its config: what
+    `mode-jax export --to hf` writes, and what transformers then loads as a LlamaForCausalLM."""
+    layers, new = params["backbone"]["layers"], params["expansion"]["layers"]
+    k = every_of(len(layers), len(new))
+    stack = [layer for i, old in enumerate(layers) for layer in [old] + ([new[i // k]] if (i + 1) % k == 0 else [])]
+    return {**params["backbone"], "layers": stack}, dataclasses.replace(cfg, n_layers=len(stack))
+
+
 def expansion_param_count(cfg: LlamaConfig, expansion: ExpansionConfig) -> int:
     """Trained parameters: n_new whole layers (for parameter-matched comparisons)."""
     per_layer = sum(math.prod(s) for s in layer_shapes(cfg).values())

@@ -25,7 +25,7 @@ from mode_jax.fast import params as P
 from mode_jax.fast import steps as S
 from mode_jax.fast.config import FastConfig
 from mode_jax.ref.config import LlamaConfig, OptimConfig
-from mode_jax.ref.expansion import ExpansionConfig, expansion_param_count, init_expansion
+from mode_jax.ref.expansion import ExpansionConfig, as_llama, expansion_param_count, init_expansion
 from mode_jax.ref.llama import layer_shapes, layers_forward, lm_head, llama_forward
 from mode_jax.ref.methods import METHODS, apply, init_method, merge, partition
 from tests import numpy_llama
@@ -87,6 +87,9 @@ def test_ref_forward_is_the_interleaved_stack_in_numpy_float64():
     stack = [layer for i in range(CFG.n_layers) for layer in
              ([bb["layers"][i]] + ([new[i // 2]] if i % 2 == 1 else []))]
     assert len(stack) == CFG.n_layers + 3
+    as_plain, plain_cfg = as_llama(params, CFG)          # what `export --to hf` writes
+    assert plain_cfg.n_layers == len(stack)
+    jax.tree.map(np.testing.assert_array_equal, as_plain["layers"], stack)
     tok = tokens(3, (2, 7), CFG)
     got = apply(params, jnp.asarray(tok), CFG)
     npp = numpy_llama.to_numpy({**bb, "layers": stack})

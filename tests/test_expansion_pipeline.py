@@ -2,8 +2,9 @@
 one `mode-jax sweep` cell (train a few steps, evaluate, record), the saved model read back
 through expert_io's checked format and evaluated again independently (fast/'s float32
 logits, NumPy loss and accuracy), `eval --run` on the cell's run giving the recorded
-numbers, a depth that `expansion.every` does not divide refused before anything is
-written, and the sweep identity of runs that predate the [expansion] section unchanged."""
+numbers, `export --to hf` giving a deeper Llama that transformers itself loads with the same
+logits (Python 3.11 env), a depth that `expansion.every` does not divide refused before
+anything is written, and the sweep identity of runs that predate [expansion] unchanged."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import numpy as np
 import pytest
 
 from mode_jax.cli import main
+from mode_jax.export import load_run
 from mode_jax.fast import model
 from mode_jax.fast.config import FastConfig
 from mode_jax.fast.params import to_fast
 from mode_jax.pipeline import engine, expert_io, presets, sources, sweep
 from mode_jax.ref.expansion import ExpansionConfig, expansion_param_count
 from mode_jax.ref.methods import METHODS, init_method, partition
+from tests.crosscheck_setup import py311  # noqa: F401 (fixture)
 from tests.helpers import assert_refused
+from tests.test_crosscheck_arch import run_reference
 from tests.tolerances import APPROX_FLOAT64, assert_close
 
 EVERY = 2
@@ -103,6 +107,28 @@ def test_eval_run_gives_the_recorded_numbers(cell, tmp_path, capsys):
     for d, v in record["result"]["domains"].items():
         assert again["domains"][d]["accuracy"] == pytest.approx(v["accuracy"], **APPROX_FLOAT64)
         assert again["domains"][d]["loss"] == pytest.approx(v["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_export_is_the_deeper_llama_in_transformers(cell, tmp_path, capsys, py311):  # noqa: F811
+    _, run_dir, _, _, backbone = cell
+    assert_refused(capsys, ["export", "--run", str(run_dir), "--to", "peft", str(tmp_path / "peft")],
+                   tmp_path / "peft", "block-expansion run", "use --to hf")
+    out = tmp_path / "hf"
+    assert main(["export", "--run", str(run_dir), "--to", "hf", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6 and config["architectures"] == ["LlamaForCausalLM"]
+    ours = load_run(run_dir)
+    tok = np.random.default_rng(12).integers(0, backbone.config.vocab_size, (2, 12))
+    work = tmp_path / "theirs"
+    work.mkdir()
+    run_reference(py311, {"load": [{"name": "expanded", "kind": "hf", "dir": str(out), "tokens": tok.tolist()}]}, work)
+    want = ours.logits(tok)
+    assert_close(np.load(work / "out" / "expanded.npy"), want, scale=2)
+    # The trained new layers matter: the backbone alone is far off.
+    plain = np.asarray(model.logits(to_fast({"backbone": ours.params["backbone"]}), jnp.asarray(tok, jnp.int32),
+                                    backbone.config, FastConfig.exact()))
+    assert np.abs(plain - want).max() > 1e-3
 
 
 def test_every_that_does_not_divide_the_depth_is_refused(tmp_path, capsys):
