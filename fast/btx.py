@@ -31,6 +31,7 @@ from mode_jax.fast.norm import rms_norm
 from mode_jax.fast.swiglu import swiglu
 from mode_jax.ref.btx import TOP_K, router_stats, top_k_weights
 from mode_jax.ref.config import LlamaConfig
+from mode_jax.ref.llama import check_tokens
 
 F32 = jnp.float32
 
@@ -58,6 +59,7 @@ def moe_mlp(mlps: dict, gate_w: jax.Array | None, rn: jax.Array, *, top_k: int):
 def btx_hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, fast: FastConfig, *, top_k: int = TOP_K):
     """The last layer's output [B, T, D] and the router logits of every layer ([L, B, T, E]
     float32; None for a stage-1 branch)."""
+    check_tokens(tokens, "btx_hidden")          # chex, while tracing: a one-line ValueError
     kw = _stack_kwargs(cfg, fast)
     remat, unroll, loop = kw.pop("remat"), kw.pop("unroll"), kw.pop("loop")
     backbone, btx = params["backbone"], params["btx"]

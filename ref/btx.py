@@ -28,7 +28,8 @@ What we take from BTX and where we depart (docs: README "Branch-Train-MiX"):
 - Dense: every expert runs and the top-k weights mask the sum (`dispatch_flops` says
   what a sparse dispatch would save).
 
-The top-k selection is lax.top_k's: ties go to the lower expert index.
+The top-k selection is MoDE's top-k gate (`ref.mode.top_k_logits`): ties go to the lower
+expert index, as in lax.top_k.
 
 Params: {"backbone": <llama>, "btx": {"layers": [{"mlps": [{"w_gate": [D, F], "w_up": [D, F],
 "w_down": [F, D]}] * E, "gate_w": [D, E] (stage 2 only)}] * L}}. A layer without "gate_w"
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 
 from mode_jax.ref.config import LlamaConfig
 from mode_jax.ref.llama import attention, check_tokens, embed, lm_head, mlp, rms_norm, rope_freq_factors, upcast
+from mode_jax.ref.mode import top_k_logits
 
 TOP_K = 2                   # experts per token (BTX, Mixtral)
 BALANCE_COEF = 0.01         # alpha of BTX's load-balancing loss
@@ -86,11 +88,7 @@ def init_mix(key: jax.Array, backbone: dict, branches: list[dict], *, seed_exper
 def top_k_weights(logits: jax.Array, top_k: int = TOP_K) -> jax.Array:
     """logits [..., E] -> weights [..., E]: softmax over the top_k largest logits (renormalised
     over them), exactly 0 elsewhere; float32 whatever the input. top_k >= E is the plain softmax."""
-    logits = upcast(logits)
-    n_experts = logits.shape[-1]
-    chosen = jax.lax.top_k(logits, min(top_k, n_experts))[1]                    # [..., k]
-    selected = jnp.any(chosen[..., :, None] == jnp.arange(n_experts), axis=-2)     # [..., E]
-    return jax.nn.softmax(jnp.where(selected, logits, -jnp.inf), axis=-1)
+    return jax.nn.softmax(top_k_logits(upcast(logits), top_k), axis=-1)
 
 
 def balance_loss(logits: jax.Array, top_k: int = TOP_K) -> jax.Array:
