@@ -69,3 +69,22 @@ def mixed_delta(x: jax.Array, ab: dict, probs: jax.Array, scale: float) -> jax.A
     # The per-token weight and the scale in float32, then back to the compute dtype.
     xa = (xa.astype(F32) * (scale * probs)[..., None]).astype(dtype)
     return jnp.einsum("BTNR,NRO->BTO", xa, ab["b"].astype(dtype))                  # [B, T, O]
+
+
+def hidden_with_probs(params: dict, tokens: jax.Array, cfg, fast, lora) -> tuple[jax.Array, list[jax.Array]]:
+    """The last layer's output [B, T, D] and every layer's router weights [B, T, N] (what the
+    routers learned), for evaluation: the layers of fast/model.py one by one in a Python loop
+    (training runs them through `model.hidden`, which returns no router weights)."""
+    from mode_jax.fast import model       # fast/model.py imports this module: imported when called
+
+    backbone, mixes = params["backbone"], params["lora_moe"]["layers"]
+    kw = model._layer_kwargs(cfg, fast, lora)
+    layers = model.prepare_layers(backbone["layers"], dtype=fast.dtype, fuse=fast.fuse_projections)
+    cos, sin = model._rope(tokens.shape[1], cfg)
+    x = model.embed(backbone, tokens, fast.dtype)                                  # [B, T, D]
+    probs = []
+    for i in range(mixes["gate_w"].shape[0]):
+        layer, mix = model._take(layers, i), model._take(mixes, i)
+        probs.append(route(mix, layer, x, eps=cfg.norm_eps)[PROBS])
+        x = model.layer_forward(layer, mix, x, cos, sin, **kw)
+    return x, probs

@@ -27,10 +27,12 @@ import jax.numpy as jnp
 
 from mode_jax.fast import btx as fast_btx
 from mode_jax.fast import loss as fast_loss
+from mode_jax.fast import lora_moe as fast_lora_moe
 from mode_jax.fast import model
 from mode_jax.fast import optim
 from mode_jax.fast.config import FastConfig
 from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
+from mode_jax.ref.llama import check_tokens
 from mode_jax.ref.methods import merge
 from mode_jax.ref.train import objective
 
@@ -82,10 +84,11 @@ def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, fast: FastConfig,
                   lora: LoraConfig | None = None, *, with_routing: bool = False, with_tokens: bool = False,
                   hooks=None, gate_top_k: int | None = None) -> dict:
     """{"loss", "accuracy", "tokens"} of a batch {"tokens": [B, T + 1], "mask": [B, T] optional},
-    plus "routing" ([n_blocks, E] for MoDE, else None) if `with_routing` and "token_correct",
+    plus "routing" ([n_blocks, E] for MoDE, [L, N] for LoRA-MoE, else None) if `with_routing` and "token_correct",
     "token_nll" ([B, T], `token_stats`) if `with_tokens`. `hooks`: the sharded steps'
     `model.Hooks` (MoDE only); `gate_top_k`: MoDE's top-k gate (None: dense)."""
     tokens = batch["tokens"]
+    check_tokens(tokens, "batch_metrics: batch['tokens']")      # chex, while tracing: a one-line ValueError
     backbone = params["backbone"]
     probs = btx_stats = None
     if "btx" in params:
@@ -94,6 +97,8 @@ def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, fast: FastConfig,
         out = model.mode_hidden(params, tokens[:, :-1], cfg, fast, return_probs=with_routing, hooks=hooks,
                                 gate_top_k=gate_top_k)
         h, probs = out if with_routing else (out, None)                           # [B, T, D]
+    elif with_routing and "lora_moe" in params:
+        h, probs = fast_lora_moe.hidden_with_probs(params, tokens[:, :-1], cfg, fast, lora)   # [B, T, N] per layer
     else:
         h = model.hidden(params, tokens[:, :-1], cfg, fast, lora)                 # [B, T, D]
     hn = model.final_norm(backbone, h, cfg)

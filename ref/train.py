@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from mode_jax.ref.btx import btx_hidden, router_stats
 from mode_jax.ref.config import LlamaConfig, LoraConfig, OptimConfig
 from mode_jax.ref.llama import check_tokens, lm_head
+from mode_jax.ref.lora_moe import lora_moe_hidden
 from mode_jax.ref.methods import apply, merge
 from mode_jax.ref.mode import mode_hidden
 from mode_jax.ref.optim import adamw_update
@@ -62,7 +63,7 @@ def next_token_metrics(logits: jax.Array, targets: jax.Array, mask: jax.Array | 
 def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, lora: LoraConfig | None = None, *,
                   with_routing: bool = False, with_tokens: bool = False, gate_top_k: int | None = None) -> dict:
     """next_token_metrics of the model on `batch`; with_routing adds "routing" (each MoDE
-    block's mean gate probabilities [n_blocks, E], None for other models), with_tokens
+    block's mean gate probabilities [n_blocks, E]; LoRA-MoE's per layer, [L, N]; None for other models), with_tokens
     "token_correct" and "token_nll" ([B, T] each, `token_stats`). `gate_top_k`: MoDE's
     top-k gate (ref.mode.top_k_logits; None: dense)."""
     tokens = batch["tokens"]                                                          # [B, T + 1]
@@ -78,6 +79,10 @@ def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, lora: LoraConfig 
         h, probs = mode_hidden(params, inputs, cfg, return_probs=True, gate_top_k=gate_top_k)   # [B, T, E] per block
         logits = lm_head(params["backbone"], h, cfg)
         routing = jnp.stack([p.mean(axis=(0, 1)) for p in probs])               # [n_blocks, E]
+    elif with_routing and "lora_moe" in params:
+        h, probs = lora_moe_hidden(params, inputs, cfg, lora, return_probs=True)   # [B, T, N] per layer
+        logits = lm_head(params["backbone"], h, cfg)
+        routing = jnp.stack([p.mean(axis=(0, 1)) for p in probs])               # [L, N]
     else:
         logits = apply(params, inputs, cfg, lora, gate_top_k=gate_top_k)
     out = next_token_metrics(logits, targets, batch.get("mask"))

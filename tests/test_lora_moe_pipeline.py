@@ -16,6 +16,7 @@ from mode_jax.ref.config import LlamaConfig
 from mode_jax.ref.lora import lora_param_count
 from mode_jax.ref.config import LoraConfig
 from tests.helpers import assert_refused
+from tests.tolerances import PROBABILITY_SUM
 
 SMOKE = ["--preset", "smoke", "--quiet"]
 
@@ -41,7 +42,10 @@ def test_compose_lora_trains_loras_and_routers_and_evaluates_back(loras, tmp_pat
     assert main(["compose-lora", "--loras", *map(str, loras), "--steps", "2", "--out", str(out), *SMOKE]) == 0
     result, params, method = _model(out)
     assert method == result["method"] == "lora_moe" and result["label"] == "lora-moe-2x"
-    assert result["domains_trained"] == ["math", "code"]
+    assert result["domains_trained"] == result["router_columns"] == ["math", "code"]
+    for d, v in result["domains"].items():         # mean router weights per layer: [L][N], rows sum to 1
+        assert np.asarray(v["routing"]).shape == (4, 2), d
+        np.testing.assert_allclose(np.sum(v["routing"], axis=1), 1.0, **PROBABILITY_SUM)
     # smoke: 4 layers of width 32, rank 4 on q, k, v, o; two LoRAs plus a [32, 2] router per layer
     llama, lora = LlamaConfig.tiny(vocab_size=259, n_layers=4), LoraConfig(rank=4, alpha=8.0)
     assert result["params_trainable"] == 2 * lora_param_count(llama, lora) + 4 * 32 * 2

@@ -92,7 +92,8 @@ def compose_loras(ctx: stages.Context, run, loras: list[DomainLora], *, freeze: 
                          stage1=stage1)
     label = f"lora-moe-{len(loras)}x" + ("-frozen" if freeze else "")
     return stages._finish_mixture(ctx, run, label, method, params, [d.domain for d in loras], cfg.lr.lora,
-                                  {"loras": [str(d.path) for d in loras]}, lora=lora)
+                                  {"loras": [str(d.path) for d in loras],
+                                   "router_columns": [d.domain for d in loras]}, lora=lora)
 
 
 # ----------------------------------------------------------------------------- sweeps
