@@ -10,12 +10,14 @@ import pytest
 from mode_jax.fast import params as P
 from mode_jax.fast.optim import decay_mask
 from mode_jax.ref.config import LlamaConfig, LoraConfig, ModeConfig
+from mode_jax.ref.expansion import ExpansionConfig
 from mode_jax.ref.llama import init_llama, layer_shapes, param_shapes
 from mode_jax.ref.methods import METHODS, TRAINABLE, init_method, partition
 
 CFG = LlamaConfig.tiny()                                   # 4 layers, D 32, F 64, 4 x 8 query heads, 2 kv
 MODE = ModeConfig(n_blocks=2, expert_layers=1, n_experts=2)
 LORA = LoraConfig(rank=4, alpha=8.0)
+EXPANSION = ExpansionConfig(every=2)                       # block expansion: new layers after 1 and 3
 
 
 # --- random params for the fast-vs-ref tests -------------------------------------------------
@@ -63,6 +65,9 @@ def random_params(method: str, seed: int, cfg: LlamaConfig = CFG, mode: ModeConf
         router = {} if e == 1 else {"gate_w": (0.5 * rng.standard_normal((cfg.d_model, e))).astype(np.float32)}
         params["btx"] = {"layers": [{"mlps": [{k: leaf(k, s) for k, s in mlp.items()} for _ in range(e)], **router}
                                     for _ in range(cfg.n_layers)]}
+    elif method == "block_expansion":
+        # New layers (ref/expansion.py), random as if trained: no zero wo / w_down.
+        params["expansion"] = {"layers": [layer() for _ in range(cfg.n_layers // EXPANSION.every)]}
     elif method != "full":
         e = mode.n_experts + 1
         params["blocks"] = [{"experts": [[layer() for _ in range(mode.expert_layers)] for _ in range(mode.n_experts)],
@@ -84,7 +89,8 @@ def build(method, cfg=CFG, mode=MODE):
         stage1 = trained_loras(backbone, cfg)
     if method == "btx":
         stage1 = [random_params("btx_branch", s, cfg, mode) for s in (5, 6)]   # branches moved apart
-    return init_method(method, jax.random.key(0), backbone, cfg, mode=mode, lora=LORA, stage1=stage1)
+    return init_method(method, jax.random.key(0), backbone, cfg, mode=mode, lora=LORA, stage1=stage1,
+                       expansion=EXPANSION)
 
 
 def trained_loras(backbone, cfg=CFG, lora=LORA, seeds=(5, 6)):

@@ -142,7 +142,9 @@ def build(method):
     if method == "btx":
         from tests.test_fast_params import random_params     # BTX branches whose MLPs moved apart
         stage1 = [random_params("btx_branch", s, CFG, MODE) for s in (5, 6)]
-    return init_method(method, jax.random.key(0), backbone, CFG, mode=MODE, lora=LORA, stage1=stage1)
+    from tests.test_fast_params import EXPANSION     # block expansion's k for the 4-layer CFG
+    return init_method(method, jax.random.key(0), backbone, CFG, mode=MODE, lora=LORA, stage1=stage1,
+                       expansion=EXPANSION)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
