@@ -12,8 +12,8 @@ runs whichever it holds. Which parameters train is a *partition* of that tree
     uninit         backbone + N fresh random experts      experts and gates
     full           backbone                               every backbone weight
     lora           backbone + adapters                    adapters
-    block_expansion  backbone + new identity-initialised    the new layers
-                   layers (ref/expansion.py, LLaMA Pro)
+    block_expansion  backbone + a new layer after every    the new layers (ref/expansion.py,
+                   k-th, a copy with wo, w_down zeroed     LLaMA Pro; expansion=ExpansionConfig)
     btx_branch     backbone + a copy of every layer's MLP the MLP copies (ref/btx.py, stage 1)
     btx            backbone + per layer [seed, N branch]  MLP experts and routers (BTX stage 2,
                    MLP experts and a top-2 router          stage1=[N btx_branch models])
