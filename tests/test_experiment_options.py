@@ -319,3 +319,42 @@ def test_example_grids_parse():
     # every stage-2 subset size composes the same stage-1 experts
     assert len({json.dumps(expert_config(c.cfg).to_dict(), sort_keys=True)
                 for c in fig5.cells if c.seed == 0 and c.method != "uninit"}) == 1
+
+
+def test_built_math_answers_and_validation_split(tmp_path):
+    """Built data (byte tokenizer): the domain whose manifest names the math generator gets
+    answer masks, an own domain does not; with data.eval_split = "validation" the eval rows
+    come from the validation files."""
+    from mode_jax.data import store
+    from mode_jax.data.mathgen import PACKAGE
+    from mode_jax.model_io.tokenizer import vocab_hash
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(0)
+    manifest = {"format": store.FORMAT, "dtype": "uint16", "domains": {},
+                "tokenizer": {"kind": "bytes", "name": "bytes", "hash": vocab_hash(tok), "vocab_size": tok.vocab_size,
+                              "eos_id": tok.eos_id}}
+    streams = {}
+    for d, source in (("math", {"package": PACKAGE}), ("notes", {"recipe": "own"})):
+        splits = {}
+        for split in ("train", "validation", "test"):
+            docs = [f"What is {a} + {b}?\n{a + b}" if d == "math" else f"note {a}\nabout {b}"
+                    for a, b in rng.integers(0, 99, size=(60, 2))]
+            streams[d, split] = pack([tok.encode(x) for x in docs], eos_id=tok.eos_id)
+            splits[split] = store.write_tokens(tmp_path, d, split, streams[d, split])
+        manifest["domains"][d] = {"source": source, "splits": splits}
+    store.write_manifest(tmp_path, manifest)
+    cfg = presets.load_config(preset="smoke", overrides=[
+        'data.source="built"', f'data.dir="{tmp_path}"', 'domains.targets=["math", "notes"]', "domains.retention=[]",
+        'data.eval_split="validation"', "data.eval_sequences=4"])
+    ctx = stages.prepare(cfg, cfg.domains.targets, progress=False)
+    assert set(ctx.eval_answers) == {"math"}
+    val = rows(streams["math", "validation"], cfg.data.seq_len)
+    assert all(any(np.array_equal(r, v) for v in val) for r in ctx.eval_sets["math"])
+    # every answer target is a digit right after "?\n" or after another answer digit
+    targets = ctx.eval_sets["math"][:, 1:]
+    inputs = ctx.eval_sets["math"][:, :-1]
+    marked = ctx.eval_answers["math"]
+    assert marked.any() and np.isin(targets[marked], [ord(c) + 3 for c in "0123456789-"]).all()
+    assert np.isin(inputs[marked], [NL] + [ord(c) + 3 for c in "0123456789-"]).all()
+    first_answer = (inputs == NL) & np.isin(targets, [ord(c) + 3 for c in "0123456789"])
+    assert first_answer.any() and marked[first_answer].all()        # and no answer's first token is missed
