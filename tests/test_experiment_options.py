@@ -293,12 +293,22 @@ def test_uninit_refuses_expert_init_and_later_keys_keep_run_ids(tmp_path, capsys
     path.write_text('[sweep]\nbase = "smoke"\n[[sweep.cell]]\nmethod = "uninit"\n"mode.expert_init" = "copy"\n')
     assert_refused(capsys, ["sweep", str(path), "--out", str(tmp_path / "out")], tmp_path / "out",
                    "mode.uninit_experts")
+    for method, key in (("expert", "data.train_examples"), ("lora", "data.stage1_examples")):
+        path.write_text(f'[sweep]\nbase = "smoke"\n[[sweep.cell]]\nmethod = "{method}"\n'
+                        f'"domains.targets" = ["code"]\n"{key}" = 8\n')
+        assert_refused(capsys, ["sweep", str(path), "--out", str(tmp_path / "out")], tmp_path / "out",
+                       f"method {method} does not read {key}")
     # a run's identity at the new keys' defaults is what it was before they existed
     cell = sweep.load_grid(REPO / "configs/sweeps/smoke.toml").cells[0]
     config = cell.cfg.to_dict()
-    config["data"] = {k: v for k, v in config["data"].items()
-                      if k not in ("dir", "eval_split", "train_examples", "stage1_examples")}
-    del config["mode"]["uninit_experts"]
+    del config["data"]["dir"]
+    assert {"data.eval_split", "data.train_examples", "data.stage1_examples", "mode.uninit_experts"} <= set(
+        sweep.LATER_DEFAULTS)
+    for key in sweep.LATER_DEFAULTS:                # keys and sections that did not exist then
+        section, name = key.split(".")
+        del config[section][name]
+        if not config[section]:
+            del config[section]
     import hashlib
     old = hashlib.sha256(json.dumps({"method": cell.method, "config": config}, sort_keys=True).encode())
     assert cell.id == old.hexdigest()[:16]

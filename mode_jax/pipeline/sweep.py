@@ -56,6 +56,13 @@ LATER_DEFAULTS = {"data.eval_split": "test", "data.train_examples": 0, "data.sta
                   "lr.expansion": 1e-3, "expansion.every": 5}
 
 
+# A cell key its method never reads is refused rather than silently ignored (sweep.set may
+# still set it for every cell: it is then read by the methods that do).
+UNREAD = {"data.train_examples": ("backbone", "expert"), "data.stage1_examples": ("backbone", "full", "lora", "uninit")}
+UNREAD_HINT = {"data.train_examples": "it limits the mixture phases; a stage-1 expert's rows are data.stage1_examples",
+               "data.stage1_examples": "it limits stage-1 experts; the mixture's rows are data.train_examples"}
+
+
 def identity(cfg: presets.PipelineConfig) -> dict:
     """The config as a run's identity sees it: without data.dir (where the data lies is not
     part of what was run: a sweep carried to another machine still skips its finished runs)
@@ -218,6 +225,8 @@ def _expand(spec: dict, where: str, base: dict, common: dict, seeds: list, seen:
             # uninit ignores expert_init (it has no stage 1 to start from): say so, never run it silently
             raise UserError(f"{where}: method uninit does not read mode.expert_init; for copied experts "
                             f'without stage 1 set "mode.uninit_experts" = "copy"')
+        if method in UNREAD.get(key, ()):
+            raise UserError(f"{where}: method {method} does not read {key} ({UNREAD_HINT[key]})")
     axes = _axes(spec, where)
     varying = [k for k, values in axes if len(values) > 1]
     out = []
