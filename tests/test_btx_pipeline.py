@@ -73,10 +73,13 @@ def test_files_that_do_not_fit_are_refused(branches, tmp_path, capsys):
                             *SMOKE], out, "two BTX branches for the same domain 'math'")
     assert_refused(capsys, ["btx", "compose", "--branches", str(tmp_path / "missing.safetensors"), "--out", str(out),
                             *SMOKE], out, "does not exist")
-    lora = tmp_path / "lora"
-    assert main(["finetune", "--method", "lora", "--steps", "1", "--out", str(lora), *SMOKE]) == 0
-    assert_refused(capsys, ["btx", "compose", "--branches", str(lora / "model.safetensors"), "--out", str(out),
-                            *SMOKE], out, "is not a BTX branch of one domain")
+    # A model file of another method (a one-domain LoRA's layout, written directly): refused from
+    # its checked metadata, before the backbone loads.
+    lora = expert_io.save_model(tmp_path / "lora.safetensors", {"lora": {"layers": [{"wq": {
+        "a": np.full((D, 2), 0.5, np.float32), "b": np.full((2, D), 0.25, np.float32)}}]}}, method="lora",
+        metadata={"domains": ["math"], "backbone_fingerprint": "0" * 64})
+    assert_refused(capsys, ["btx", "compose", "--branches", str(lora), "--out", str(out), *SMOKE], out,
+                   "is not a BTX branch of one domain (method 'lora'")
 
 
 GRID = """

@@ -10,6 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from mode_jax.fast import btx_layout, model
@@ -90,9 +91,9 @@ def test_layout_round_trip_is_exact():
         assert_trees_equal(to_ref(fast), tree)
 
 
-@settings(max_examples=6)
-@given(dtype=st.sampled_from(sorted(DTYPES)), layer_loop=st.sampled_from(["scan", "python"]),
-       seed_expert=st.booleans(), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@settings(max_examples=3)
+@given(layer_loop=st.sampled_from(["scan", "python"]), seed_expert=st.booleans(), seed=st.integers(0, 2**16))
 def test_forward_and_gradients_match_ref(dtype, layer_loop, seed_expert, seed):
     # E = 3 either way (seed + 2 branches, or 3 branches); few distinct models, as compiles are reused.
     params = build(seed % 5, n_branches=3 - seed_expert, seed_expert=seed_expert)
@@ -122,26 +123,19 @@ def test_stage1_branch_matches_ref():
     assert_trees_close(got, want, scale=2)
 
 
-def test_train_step_of_both_backends_agrees():
-    # One AdamW step of make_steps' "ref" and "fast" backends on the same stage-2 model: the
-    # objective (next-token loss + load balancing) and the updated experts and routers agree.
+def test_eval_steps_of_both_backends_agree():
+    # make_steps' "ref" and "fast" eval steps on a stage-2 model: the same loss, per-token
+    # statistics and routing (each layer's mean top-2 weights [L, E], rows summing to 1). The
+    # train steps of both (objective with the balancing loss) are compared for every method by
+    # tests/test_fast_train.py::test_step_matches_ref.
     params = build(1)
-    # eps = 1: Adam's first step lr * g / (|g| + eps) is then smooth in g; with a tiny eps it is
-    # lr * sign(g), which turns rounding-level differences of near-zero gradients into lr-sized ones.
-    opt = OptimConfig(learning_rate=1e-2, warmup_steps=0, total_steps=3, eps=1.0)
-    batch = {"tokens": jnp.asarray(tokens(9, (2, 9)))}
+    rows = jnp.asarray(tokens(9, (2, 9)))
     out = {}
     for backend in ("ref", "fast"):
-        steps = make_steps("btx", CFG, opt=opt, backend=backend)
-        train, frozen = steps.split(steps.to_backend(params), "btx")
-        new, _, m = steps.train_step(jax.tree.map(jnp.copy, train), steps.prepare_frozen(frozen),
-                                     steps.init_opt(train), batch)
-        ev = steps.eval_step(steps.to_backend(params), batch["tokens"])
-        out[backend] = (steps.from_backend(steps.join(new, frozen)), m, ev)
-    (p_ref, m_ref, e_ref), (p_fast, m_fast, e_fast) = out["ref"], out["fast"]
-    assert float(m_ref["aux_loss"]) > btx.BALANCE_COEF * 0.99       # >= alpha (1 is uniform)
-    for key in ("loss", "aux_loss", "grad_norm"):
-        assert_close(m_fast[key], m_ref[key], scale=2, err_msg=key)
-    assert_trees_close(p_fast["btx"], p_ref["btx"], scale=2)
-    assert_close(e_fast["routing"], e_ref["routing"], scale=2)
-    assert e_ref["routing"].shape == (CFG.n_layers, 3)
+        steps = make_steps("btx", CFG, opt=OptimConfig(), backend=backend)
+        out[backend] = steps.eval_step(steps.to_backend(params), rows)
+    for key in ("loss", "token_nll", "routing"):
+        assert_close(out["fast"][key], out["ref"][key], scale=2, err_msg=key)
+    np.testing.assert_array_equal(out["fast"]["token_correct"], out["ref"]["token_correct"])
+    assert out["ref"]["routing"].shape == (CFG.n_layers, 3)
+    assert_close(out["ref"]["routing"].sum(-1), np.ones(CFG.n_layers))
