@@ -34,6 +34,7 @@ from tests.test_fast_params import random_params
 from tests.tolerances import assert_close
 
 CFG = LlamaConfig.tiny(n_layers=6)         # D 32 = N*H (4 heads of 8): W_o is square
+CFG4 = LlamaConfig.tiny()                  # 4 layers: smaller programs where 6 add nothing
 DTYPES = {"float32": FastConfig.exact(), "bfloat16": FastConfig()}
 ZEROED = ("wo", "w_down")
 ref_logits = jit(apply, ("cfg", "lora"))
@@ -119,26 +120,26 @@ def test_first_step_gradients_are_those_of_the_algebra():
     dW_o = a^T g, dW_down = u^T g (summed over batch and positions), with a the attention
     output before W_o and u the SwiGLU hidden of the layer's input x (h = x: the attention
     adds 0), and g the cotangent of the rest of the network at x. Float64 throughout."""
-    every = 3
+    every, cfg = 2, CFG4
     with jax.enable_x64(True):
-        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), expanded(6, CFG, every, identity=True))
-        tok = jnp.asarray(tokens(7, (2, 8), CFG))
-        ct = jnp.asarray(np.random.default_rng(8).standard_normal((2, 8, CFG.vocab_size)))
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), expanded(6, cfg, every, identity=True))
+        tok = jnp.asarray(tokens(7, (2, 8), cfg))
+        ct = jnp.asarray(np.random.default_rng(8).standard_normal((2, 8, cfg.vocab_size)))
         train, frozen = partition(params, METHODS["block_expansion"])
-        loss = lambda t, f: jnp.sum(ct * apply(merge(t, f), tok, CFG))
+        loss = lambda t, f: jnp.sum(ct * apply(merge(t, f), tok, cfg))
         grads = jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(train, frozen)["expansion"]["layers"]
         bb = params["backbone"]
         x0 = jnp.take(bb["embed"], tok, axis=0)
         for j, (new, grad) in enumerate(zip(params["expansion"]["layers"], grads)):
             depth = (j + 1) * every                      # backbone layers before new layer j
-            x = layers_forward(bb["layers"][:depth], x0, CFG)     # earlier new layers are identities
-            rest = lambda h, depth=depth: lm_head(bb, layers_forward(bb["layers"][depth:], h, CFG), CFG)
+            x = layers_forward(bb["layers"][:depth], x0, cfg)     # earlier new layers are identities
+            rest = lambda h, depth=depth: lm_head(bb, layers_forward(bb["layers"][depth:], h, cfg), cfg)
             g = np.asarray(jax.jit(lambda h: jax.vjp(rest, h)[1](ct)[0])(x))                  # [B, T, D]
             xn = numpy_llama.to_numpy(x)
-            identity_wo = {**numpy_llama.to_numpy(new), "wo": np.eye(CFG.n_heads * CFG.head_dim)}
-            a = np.stack([numpy_llama.attention(numpy_llama.rms_norm(xn[b], identity_wo["attn_norm"], CFG.norm_eps),
-                                                identity_wo, CFG) for b in range(2)])    # [B, T, N*H]
-            m = numpy_llama.rms_norm(xn, np.asarray(new["mlp_norm"]), CFG.norm_eps)
+            identity_wo = {**numpy_llama.to_numpy(new), "wo": np.eye(cfg.n_heads * cfg.head_dim)}
+            a = np.stack([numpy_llama.attention(numpy_llama.rms_norm(xn[b], identity_wo["attn_norm"], cfg.norm_eps),
+                                                identity_wo, cfg) for b in range(2)])    # [B, T, N*H]
+            m = numpy_llama.rms_norm(xn, np.asarray(new["mlp_norm"]), cfg.norm_eps)
             gate = m @ np.asarray(new["w_gate"])
             u = gate / (1 + np.exp(-gate)) * (m @ np.asarray(new["w_up"]))                 # [B, T, F]
             want = {"wo": np.einsum("BTI,BTD->ID", a, g), "w_down": np.einsum("BTF,BTD->FD", u, g)}
@@ -158,12 +159,12 @@ def _grads(fn, params, tok, ct):
     return vjp(ct)[0]
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(every=st.sampled_from([2, 4]), qkv_bias=st.booleans(), dtype=st.sampled_from(sorted(DTYPES)),
        seed=st.integers(0, 2**16))
 def test_fast_forward_and_gradients_match_ref(every, qkv_bias, dtype, seed):
     # 4 layers (fewer, smaller programs to compile): new layers after 1 and 3, or after 3 only.
-    cfg = dataclasses.replace(CFG, n_layers=4, qkv_bias=qkv_bias)
+    cfg = dataclasses.replace(CFG4, qkv_bias=qkv_bias)
     params = expanded(seed, cfg, every, identity=False)
     fast_params = P.to_fast(params)
     fast = DTYPES[dtype]
