@@ -72,5 +72,6 @@ def stop_message(phase: str, step: int, what: str, *, last_good: Path | None, la
 
 def lr_key(method: str) -> str:
     """The config key of `method`'s learning rate (for the message above)."""
-    return {"full": "lr.full", "lora": "lr.lora", "block_expansion": "lr.expansion"}.get(method, "lr.mode")
+    return {"full": "lr.full", "lora": "lr.lora", "block_expansion": "lr.expansion",
+            "lora_moe": "lr.lora", "lora_moe_frozen": "lr.lora"}.get(method, "lr.mode")
 
