@@ -12,6 +12,7 @@ import pytest
 
 from mode_jax.cli import main
 from mode_jax.pipeline import expert_io
+from mode_jax.ref.btx import BALANCE_COEF
 from tests.helpers import assert_refused
 from tests.tolerances import PROBABILITY_SUM
 
@@ -55,6 +56,10 @@ def test_compose_trains_experts_and_routers_and_evaluates_back(branches, tmp_pat
     _, math_branch, _ = _model(branches[0].parent)
     assert len(layer["mlps"]) == 3 and layer["gate_w"].shape == (D, 3)
     assert not np.array_equal(layer["mlps"][1]["w_up"], math_branch["btx"]["layers"][0]["mlps"][0]["w_up"])
+    # The load-balancing loss is logged beside the plain loss at every step (BALANCE_COEF * ~1).
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and all(0 < x["aux_loss"] < 10 * BALANCE_COEF for x in logged)
+    assert all("aux_loss" not in json.loads(x) for x in (branches[0].parent / "metrics.jsonl").read_text().splitlines())
     for d, v in result["domains"].items():
         routing = np.asarray(v["routing"])                             # [L, E] mean top-2 weights
         assert routing.shape == (L, 3)

@@ -123,7 +123,9 @@ def train_loop(run: RunDir, *, phase: str, params: dict, method: str, steps: Ste
             last, last_done = now, done
             run.log({"phase": phase, "step": done, "loss": loss, "accuracy": float(m["accuracy"]),
                      "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                     "tokens_seen": tokens_seen, "tokens_per_s": round(rate, 1)})
+                     "tokens_seen": tokens_seen, "tokens_per_s": round(rate, 1),
+                     # a model's auxiliary loss (BTX's load balancing), beside the plain loss
+                     **({"aux_loss": float(m["aux_loss"])} if "aux_loss" in m else {})})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
         bar.update(1)
         if checkpoint_every and done % checkpoint_every == 0 and done < total_steps:
