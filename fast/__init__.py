@@ -8,6 +8,9 @@ Every function here is tested against its `ref/` counterpart (tests/test_fast_*.
     model.py      Llama, LoRA (unmerged) and MoDE forward: a Python loop (GPU) or scan
                   over layers, vmap over experts, bf16 compute with float32
                   norms/RoPE/softmax/gate
+    btx.py        Branch-Train-MiX (ref/btx.py): the backbone's attention, then every layer's
+                  MLP experts as one batched matmul under a top-2 router (btx_layout.py: the
+                  stacked [L, E, ...] layout of the experts)
     norm.py       RMSNorm with a VJP that keeps the bf16 input and one statistic per row
     swiglu.py     x @ [W_gate | W_up] -> SwiGLU, with d[gate | up] written once
     projection.py one matmul split into q|k|v, with the joined cotangent written once
