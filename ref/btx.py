@@ -29,7 +29,8 @@ What we take from BTX and where we depart (docs: README "Branch-Train-MiX"):
   what a sparse dispatch would save).
 
 The top-k selection is MoDE's top-k gate (`ref.mode.top_k_logits`): ties go to the lower
-expert index, as in lax.top_k.
+expert index, as in lax.top_k. TOP_K and BALANCE_COEF are BTX's values; the functions take
+`top_k` as a keyword, the pipeline and fast/ use these (they are not config keys).
 
 Params: {"backbone": <llama>, "btx": {"layers": [{"mlps": [{"w_gate": [D, F], "w_up": [D, F],
 "w_down": [F, D]}] * E, "gate_w": [D, E] (stage 2 only)}] * L}}. A layer without "gate_w"
