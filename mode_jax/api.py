@@ -80,9 +80,15 @@ def _load_params(model: str, experts, run, progress: bool):
         params, method, _ = _load_run(source_run, ctx)
         if "blocks" not in params:
             raise UserError(f"{run} holds a {method} model, not a MoDE one: generate serves backbones and MoDE")
+        if cfg.mode.gate_top_k and method != "stage1":
+            # The decoders (ref/decode.py, fast/decode.py) run the dense gate: refuse rather than mis-serve.
+            raise UserError(f"{run} was trained with top-k gating (mode.gate_top_k = {cfg.mode.gate_top_k}), "
+                            "which generation does not support yet; mode_jax.export.load_run(...).logits serves it")
         n = len(params["blocks"][0]["experts"])
         info = source_run.info()          # compose runs record "domains", train-expert runs "domain"
-        domains = info.get("domains") or ([info["domain"]] if info.get("domain") else [])
+        # a sweep's phases record neither: their experts follow the config's domains.targets
+        domains = (info.get("domains") or ([info["domain"]] if info.get("domain") else [])
+                   or list(cfg.domains.targets))
         names += list(domains) if len(domains) == n else [f"expert{j + 1}" for j in range(n)]
     return params, bb, cfg.model.source, names
 

@@ -187,9 +187,12 @@ def test_mode_cells_share_their_experts(tmp_path):
     doc = grid.read_text().replace("seeds = [0, 1]", "seeds = [0]").replace('baseline = "full"', 'baseline = "mode"')
     grid.write_text(doc)
     out = tmp_path / "sweep"
-    assert main(["sweep", str(grid), "--out", str(out), "--quiet"]) == 0
+    assert main(["sweep", str(grid), "--out", str(out), "--quiet", "--keep-models"]) == 0
     records = [json.loads(x) for x in _lines(out)]
     assert [r["method"] for r in records] == ["mode", "mode-frozen", "expert"]
+    # a kept composed run loads in one call, its experts named by the domains they were trained on
+    import mode_jax
+    assert mode_jax.load("tiny", run=str(out / records[0]["run_dir"])).expert_names == ["backbone", "math", "code"]
     assert len(list((out / "experts").iterdir())) == 1                 # trained once, used three times
     expert = records.pop()
     assert expert["label"] == "expert-code" and expert["phases"] == {}
