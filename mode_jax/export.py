@@ -64,6 +64,7 @@ class LoadedRun:
     label: str
     backbone: Any                # pipeline.sources.Backbone: name, kind, fingerprint, tokenizer hash
     source: str                  # the run's model.source ("tiny", a model name, a path)
+    gate_top_k: int | None = None  # a MoDE run's top-k gate (its mode.gate_top_k; None: dense)
 
     def logits(self, tokens) -> np.ndarray:
         """tokens int [B, T] -> float32 logits [B, T, V] (`ref.methods.apply`, jitted)."""
@@ -71,8 +72,9 @@ class LoadedRun:
         import jax.numpy as jnp
 
         from mode_jax.ref.methods import apply
-        fn = jax.jit(apply, static_argnames=("cfg", "lora"))
-        return np.asarray(fn(self.params, jnp.asarray(tokens, jnp.int32), cfg=self.config, lora=self.lora))
+        fn = jax.jit(apply, static_argnames=("cfg", "lora", "gate_top_k"))
+        return np.asarray(fn(self.params, jnp.asarray(tokens, jnp.int32), cfg=self.config, lora=self.lora,
+                             gate_top_k=self.gate_top_k))
 
 
 def _run_dir(run_dir):
@@ -98,8 +100,9 @@ def load_run(run_dir: str | os.PathLike, *, progress: bool = False) -> LoadedRun
     ctx = stages.prepare(cfg, progress=progress)
     params, method, label = _load_run(run, ctx)
     lora = stages.lora_config(cfg) if method in ("lora", "lora_moe", "lora_moe_frozen") else None
+    top_k = (cfg.mode.gate_top_k or None) if method in stages.TOP_K_METHODS else None
     return LoadedRun(params=params, config=ctx.llama, method=method, lora=lora, label=label,
-                     backbone=ctx.backbone, source=cfg.model.source)
+                     backbone=ctx.backbone, source=cfg.model.source, gate_top_k=top_k)
 
 
 def _method_of(run) -> str:
