@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from mode_jax.errors import UserError
 from mode_jax.pipeline import sources, sweep
 from mode_jax.ref import costs
 from mode_jax.ref.config import LlamaConfig, LoraConfig
@@ -81,3 +84,16 @@ def test_per_domain_grid():
         # every method the same 400 steps on its one domain
         assert (c.cfg.train.stage1_steps if c.method == "expert" else c.cfg.train.steps) == 400
 
+
+
+@pytest.mark.parametrize("cell, needle", [
+    ('method = "full"\n"mode.gate_top_k" = 1\n', "method full does not read mode.gate_top_k"),
+    ('method = "expert"\n"mode.gate_top_k" = 2\n', "method expert does not read mode.gate_top_k"),
+    ('method = "mode"\n"mode.n_experts" = 1\n', "method mode does not read mode.n_experts"),
+    ('method = "uninit"\n"mode.gate_top_k" = -1\n', "mode.gate_top_k must be in"),
+])
+def test_top_k_and_n_experts_refused_where_unread(tmp_path, cell, needle):
+    path = tmp_path / "grid.toml"
+    path.write_text('[sweep]\nbase = "smoke"\n[[sweep.cell]]\n' + cell)
+    with pytest.raises(UserError, match=needle):
+        sweep.load_grid(path)

@@ -61,6 +61,11 @@ LATER_DEFAULTS = {"data.eval_split": "test", "data.train_examples": 0, "data.sta
 UNREAD = {"data.train_examples": ("backbone", "expert"), "data.stage1_examples": ("backbone", "full", "lora", "uninit")}
 UNREAD_HINT = {"data.train_examples": "it limits the mixture phases; a stage-1 expert's rows are data.stage1_examples",
                "data.stage1_examples": "it limits stage-1 experts; the mixture's rows are data.train_examples"}
+# Top-k gating is read where N MoDE experts are mixed; mode.n_experts only by uninit (the capacity control).
+UNREAD["mode.gate_top_k"] = tuple(m for m in METHODS if m not in ("mode", "mode-frozen", "uninit"))
+UNREAD["mode.n_experts"] = tuple(m for m in METHODS if m != "uninit")
+UNREAD_HINT["mode.gate_top_k"] = "it is MoDE's top-k gate in stage 2 (mode, mode-frozen) and uninit"
+UNREAD_HINT["mode.n_experts"] = "it sets uninit's expert count; mode composes one stage-1 expert per domain"
 
 
 def identity(cfg: presets.PipelineConfig) -> dict:
