@@ -22,7 +22,9 @@ layout of `fast/params.py`:
   trainable feeds in MoDE, gets no backward pass through its backbone at all.
 
 LoRA runs unmerged: every targeted x @ W is x @ W + (alpha / rank) (x @ A) @ B,
-so the frozen W never gets a weight gradient.
+so the frozen W never gets a weight gradient. A LoRA mixture (LoRA-MoE, fast/lora_moe.py) runs
+the same way, each layer's router weights added to its adapters by `lora_moe.route` and each
+targeted projection's term summed over the LoRAs by `lora_moe.mixed_delta`.
 
 Dimension alphabet as in `ref/__init__.py`.
 """
@@ -47,7 +49,7 @@ from mode_jax.fast.projection import split_projection
 from mode_jax.fast.swiglu import swiglu_projection
 from mode_jax.fast import lora_moe
 from mode_jax.ref.config import LlamaConfig, LoraConfig
-from mode_jax.ref.llama import BIAS_KEYS, rope_freq_factors
+from mode_jax.ref.llama import BIAS_KEYS, check_tokens, rope_freq_factors
 from mode_jax.ref.mode import top_k_logits
 
 F32 = jnp.float32
@@ -292,6 +294,7 @@ def llama_hidden(backbone: dict, tokens: jax.Array, cfg: LlamaConfig, fast: Fast
     stacked LoRA tree {"layers": {name: {"a", "b"}}} (with its `lora` config)."""
     if (adapters is None) != (lora is None):
         raise ValueError("LoRA adapters and their LoraConfig go together")
+    check_tokens(tokens, "llama_hidden")        # chex, while tracing: a one-line ValueError
     cos, sin = _rope(tokens.shape[1], cfg)
     x = embed(backbone, tokens, fast.dtype)
     return scan_layers(backbone["layers"], None if adapters is None else adapters["layers"], x, cos, sin,
@@ -303,6 +306,7 @@ def mode_hidden(params: dict, tokens: jax.Array, cfg: LlamaConfig, fast: FastCon
     """The last block's mixed output [B, T, D] (and each block's gate probabilities).
     `hooks`: what a sharded step changes (see `Hooks`); `gate_top_k`: see `block_forward`."""
     hooks = hooks or Hooks()
+    check_tokens(tokens, "mode_hidden")         # chex, while tracing: a one-line ValueError
     backbone, blocks = params["backbone"], params["blocks"]
     n_blocks = blocks["gate_w"].shape[0]
     n_layers = _depth(backbone["layers"])
