@@ -20,10 +20,12 @@ Which published method this follows, and where it departs:
   layer input, as the two below do, has no temperature and no balancing loss.
 - LoRAMoE (Dou et al., 2024) gives the *routing*: a bias-free linear router and a dense
   softmax over LoRA experts, per token, computed from the hidden state the adapted
-  projection reads, and the experts train with the router (our `lora_moe`). LoRAMoE has one
-  router per adapted linear layer and experts initialised fresh on the mixture, plus a
-  localized balancing constraint; here one router per transformer layer serves every
-  adapted projection of that layer and the experts start from the stage-1 LoRAs.
+  projection reads, and the experts train with the router (our `lora_moe`). LoRAMoE puts
+  its experts in the feed-forward layers with one router per adapted linear layer, starts
+  them fresh on the mixture and adds a localized balancing constraint; here the adapted
+  projections are the ones `LoraConfig.targets` names (attention by default, as the LoRA
+  baseline), one router per transformer layer serves all of them, and the experts start
+  from the stage-1 LoRAs.
 - MixLoRA (Li et al., 2024) routes top-k (k = 2) over LoRA experts inside the FFN with a
   load-balancing loss and keeps a plain LoRA on attention; we route densely (every LoRA
   runs, as MoDE's gate does) on whichever projections `LoraConfig.targets` names.
