@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -43,7 +44,7 @@ from mode_jax.fast.norm import rms_norm
 from mode_jax.fast.projection import split_projection
 from mode_jax.fast.swiglu import swiglu_projection
 from mode_jax.ref.config import LlamaConfig
-from mode_jax.ref.llama import rope_freq_factors
+from mode_jax.ref.llama import check_tokens, rope_freq_factors
 from mode_jax.ref.sampling import SamplingConfig, sample, step_key
 
 F32 = jnp.float32
@@ -195,12 +196,21 @@ def _routing_width(prepared: dict) -> tuple[int, int]:
     return prepared["blocks"]["gate_w"].shape[0], prepared["blocks"]["gate_w"].shape[2]
 
 
+def _check_rows(tokens: jax.Array, pad: jax.Array, where: str) -> None:
+    """tokens int [B, T] and pad int [B] (chex, while tracing: a one-line ValueError)."""
+    check_tokens(tokens, where)
+    chex.assert_shape(pad, (tokens.shape[0],), custom_message=f"{where}: pad must be [B] = [{tokens.shape[0]}] "
+                      f"(tokens {tokens.shape})", exception_type=ValueError)
+    chex.assert_type(pad, int, custom_message=f"{where}: pad must be integer counts", exception_type=ValueError)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "size", "all_logits"))
 def prefill(prepared: dict, tokens: jax.Array, pad: jax.Array, key: jax.Array, *, cfg: LlamaConfig,
             fast: FastConfig, sampling: SamplingConfig, size: int, all_logits: bool = False):
     """Left-padded prompts [B, P] (pad [B] leading pad columns) into a fresh cache of
     `size` positions -> (first new token [B], its logits [B, V], the last column's gate
     probabilities [B, n_blocks, E], cache, the prompt's logits [B, P, V] if all_logits)."""
+    _check_rows(tokens, pad, "prefill")
     cache = init_cache(prepared, tokens.shape[0], size, cfg, fast)
     # Only the last column's logits unless asked: [B, P, V] float32 is 1.6 GB at B=64, P=128.
     logits, cache, probs = forward(prepared, cache, tokens, jnp.int32(0), pad, cfg, fast, all_logits=all_logits)
@@ -217,6 +227,8 @@ def decode_step(prepared: dict, cache: dict, token: jax.Array, write: jax.Array,
                 sampling: SamplingConfig):
     """Feed token [B] at buffer index `write`, draw decoding step `step`'s token ->
     (token [B], logits [B, V], gate probabilities [B, n_blocks, E], cache). For streaming."""
+    chex.assert_rank(token, 1, custom_message="decode_step: token must be [B]", exception_type=ValueError)
+    _check_rows(token[:, None], pad, "decode_step")
     logits, cache, probs = forward(prepared, cache, token[:, None], write, pad, cfg, fast)
     n_blocks, width = _routing_width(prepared)
     routing = probs[:, 0] if probs is not None else jnp.zeros((token.shape[0], n_blocks, width), F32)
@@ -277,6 +289,7 @@ def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax
 def score(prepared: dict, tokens: jax.Array, pad: jax.Array, *, cfg: LlamaConfig, fast: FastConfig):
     """Left-padded texts [B, T] -> (float32 logits [B, T, V], gate probabilities
     [B, T, n_blocks, E] at every position, or None for a backbone)."""
+    _check_rows(tokens, pad, "score")
     cache = init_cache(prepared, tokens.shape[0], tokens.shape[1], cfg, fast)
     logits, _, probs = forward(prepared, cache, tokens, jnp.int32(0), pad, cfg, fast, all_logits=True)
     return logits, probs

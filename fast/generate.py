@@ -71,6 +71,9 @@ def generate(prepared: dict, prompts: Sequence[Sequence[int]], cfg: LlamaConfig,
     if stop_strings and detokenize is None:
         raise ValueError("stop_strings need a detokenize function")
     tokens, pad = left_pad(prompts, bucket=bucket)
+    if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+        raise ValueError(f"generate: token ids must be in [0, {cfg.vocab_size}) (the model's vocabulary), "
+                         f"got {tokens.min()}..{tokens.max()}")
     size = tokens.shape[1] + max_new_tokens + unroll - 1
     if max(map(len, prompts)) + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"prompt ({max(map(len, prompts))} tokens) + max_new_tokens ({max_new_tokens}) "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -123,9 +124,19 @@ def next_token_metrics(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax
     float32), targets int [B, T], mask [B, T] (None = all count).
     Returns {"loss", "accuracy", "tokens"} as `ref.train.next_token_metrics`.
     """
-    if h.shape[:-1] != targets.shape or w.shape[-1] != h.shape[-1]:
-        raise ValueError(f"next_token_metrics: h {h.shape} must be [B, T, D] for targets "
-                         f"{targets.shape} and w {w.shape} [V, D]")
+    # chex reads shapes and dtypes while tracing: nothing of it is in the traced program.
+    where, err = "next_token_metrics", ValueError
+    chex.assert_rank([h, w, targets], [3, 2, 2], exception_type=err,
+                     custom_message=f"{where}: h, w, targets must be [B, T, D], [V, D], [B, T]")
+    chex.assert_type([h, w], float, custom_message=f"{where}: h and w must be float arrays", exception_type=err)
+    chex.assert_type(targets, int, custom_message=f"{where}: targets must be integer ids", exception_type=err)
+    chex.assert_shape(targets, h.shape[:-1], exception_type=err,
+                      custom_message=f"{where}: h {h.shape} must be [B, T, D] for targets {targets.shape} [B, T]")
+    chex.assert_shape(w, (None, h.shape[-1]), exception_type=err,
+                      custom_message=f"{where}: w must be [V, D] with D = {h.shape[-1]} (h {h.shape})")
+    if mask is not None:
+        chex.assert_shape(mask, targets.shape, exception_type=err,
+                          custom_message=f"{where}: mask must be [B, T] = {targets.shape}")
     if mask is None:
         mask = jnp.ones(targets.shape, F32)
     mask = lax.stop_gradient(mask.astype(F32))

@@ -23,10 +23,13 @@ backbone activations).
 Accumulation is float32 (softmax, the gated sum, every matmul); y and the
 activation cotangents come out in the activations' dtype, weight cotangents in the
 weights' dtype. `fused_merge_reference` states the same function the plain way.
+Shapes and dtypes are checked with chex while tracing (a one-line ValueError; nothing
+is left in the traced program), in the forward and in the forward of the VJP.
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
@@ -56,7 +59,26 @@ def _stacked_weights(w_bb, w_ex, dtype):
     return jnp.concatenate([w_bb.astype(dtype), w_ex.reshape(n * f, d).astype(dtype)], axis=0)
 
 
+def _check(logits, r_bb, u_bb, w_bb, r_ex, u_ex, w_ex) -> None:
+    """Shapes as `fused_merge` documents them, float dtypes: a ValueError naming the input."""
+    names = ("logits", "r_bb", "u_bb", "w_bb", "r_ex", "u_ex", "w_ex")
+    dims = ("[B, T, E]", "[B, T, D]", "[B, T, F]", "[F, D]", "[N, B, T, D]", "[N, B, T, F]", "[N, F, D]")
+    args = (logits, r_bb, u_bb, w_bb, r_ex, u_ex, w_ex)
+    for name, dim, x in zip(names, dims, args):
+        chex.assert_rank(x, dim.count(",") + 1, custom_message=f"fused_merge: {name} must be {dim}",
+                         exception_type=ValueError)
+        chex.assert_type(x, float, custom_message=f"fused_merge: {name} must be a float array",
+                         exception_type=ValueError)
+    (b, t, d), f, n = r_bb.shape, u_bb.shape[-1], r_ex.shape[0]
+    want = ((b, t, n + 1), (b, t, d), (b, t, f), (f, d), (n, b, t, d), (n, b, t, f), (n, f, d))
+    for name, dim, x, shape in zip(names, dims, args, want):
+        extra = " (E = N + 1 columns, N from r_ex)" if name == "logits" else ""
+        chex.assert_shape(x, shape, custom_message=f"fused_merge: {name} must be {dim}{extra} = {shape}",
+                          exception_type=ValueError)
+
+
 def _forward(logits, r_bb, u_bb, w_bb, r_ex, u_ex, w_ex):
+    _check(logits, r_bb, u_bb, w_bb, r_ex, u_ex, w_ex)
     dtype = r_bb.dtype
     probs = jax.nn.softmax(logits.astype(F32), axis=-1)                           # [B, T, E]
     s = _gated_inputs(probs, u_bb, u_ex, dtype)                                    # [B, T, (N+1)F]
@@ -77,10 +99,6 @@ def fused_merge(logits, r_bb, u_bb, w_bb, r_ex, u_ex, w_ex):
     r_ex [N, B, T, D], u_ex [N, B, T, F], w_ex [N, F, D]: the experts' last layers.
     Returns y [B, T, D] in r_bb's dtype.
     """
-    n = r_ex.shape[0]
-    if logits.shape[-1] != n + 1 or u_ex.shape[0] != n or w_ex.shape[0] != n:
-        raise ValueError(f"fused_merge: logits {logits.shape} must have E = N + 1 columns for "
-                         f"r_ex {r_ex.shape}, u_ex {u_ex.shape}, w_ex {w_ex.shape}")
     return _forward(logits, r_bb, u_bb, w_bb, r_ex, u_ex, w_ex)[0]
 
 

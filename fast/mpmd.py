@@ -54,7 +54,7 @@ from mode_jax.fast.sharded_combine import sharded_gated_combine
 from mode_jax.fast.placement import Placement
 from mode_jax.fast.sharding import (activation_sharding, batch_axes, host, make_mesh, place,
                                     replicated, rules_for_axes, shardings_for)
-from mode_jax.fast.spmd import batch_shardings
+from mode_jax.fast.spmd import batch_shardings, check_batch
 from mode_jax.ref.config import LlamaConfig, OptimConfig
 
 MPMD_TRAINABLE = ("experts_and_gates", "gates")
@@ -104,6 +104,8 @@ class MpmdStep:
                                      [place(np.int32(i), replicated(mesh)) for i in range(n_blocks)]))
         bb = self.meshes[0]
         where = f"placement 'backbone' {dict(bb.mesh.shape)}"
+        self.check_batch = functools.partial(check_batch, batch_size=batch_size, seq_len=seq_len, masked=masked,
+                                             where="MPMD step")
         comps = jax.eval_shape(self._split, params)        # shapes only: params may be ShapeDtypeStructs
         self.shardings = {
             "backbone": shardings_for(comps["backbone"], bb.mesh, bb.rules, where=where),
@@ -207,6 +209,7 @@ class MpmdStep:
         return t, o
 
     def place_batch(self, batch: dict) -> dict:
+        self.check_batch(batch)
         return place(batch, {k: self.shardings["batch"][k] for k in batch})
 
     def gather(self, state) -> dict:

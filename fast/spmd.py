@@ -24,6 +24,7 @@ import dataclasses
 import functools
 from typing import Callable
 
+import chex
 import jax
 
 from mode_jax.fast import optim
@@ -36,6 +37,7 @@ from mode_jax.fast.sharding import (activation_sharding, batch_axes, place, repl
                                     rules_for_axes, shardings_for)
 from mode_jax.fast.train import batch_metrics, step as train_step
 from mode_jax.ref.config import LlamaConfig, OptimConfig
+from mode_jax.ref.llama import check_tokens
 
 
 def batch_shardings(mesh, rules, *, batch_size: int, seq_len: int, masked: bool = False,
@@ -45,6 +47,20 @@ def batch_shardings(mesh, rules, *, batch_size: int, seq_len: int, masked: bool 
     if masked:
         out["mask"] = activation_sharding("tokens", (batch_size, seq_len), mesh, rules, where=where)
     return out
+
+
+def check_batch(batch: dict, *, batch_size: int, seq_len: int, masked: bool, where: str) -> None:
+    """The batch a sharded step was built for: tokens int [B, T + 1] and, if `masked`, mask
+    [B, T] (chex: a one-line ValueError before anything is placed)."""
+    check_tokens(batch["tokens"], f"{where}: batch['tokens']")
+    chex.assert_shape(batch["tokens"], (batch_size, seq_len + 1), exception_type=ValueError,
+                      custom_message=f"{where}: batch['tokens'] must be [B, T + 1] = {(batch_size, seq_len + 1)}")
+    if masked != ("mask" in batch):
+        raise ValueError(f"{where}: the step was built {'with' if masked else 'without'} a mask, "
+                         f"the batch has {'one' if 'mask' in batch else 'none'}")
+    if masked:
+        chex.assert_shape(batch["mask"], (batch_size, seq_len), exception_type=ValueError,
+                          custom_message=f"{where}: batch['mask'] must be [B, T] = {(batch_size, seq_len)}")
 
 
 def mesh_hooks(mesh, rules, *, batch_size: int, seq_len: int, d_model: int, combine=platform_gated_combine,
@@ -68,6 +84,7 @@ class SpmdStep:
     opt: OptimConfig
     shardings: dict                 # {"trainable", "frozen", "opt", "batch"}: trees of NamedSharding
     step_fn: Callable
+    check_batch: Callable = lambda batch: None     # batch -> None or ValueError (`check_batch`)
 
     @classmethod
     def build(cls, params, cfg: LlamaConfig, opt: OptimConfig, *, mesh, rules: dict | None = None,
@@ -97,7 +114,9 @@ class SpmdStep:
                                         replicated(mesh)),
                           out_shardings=(t_sh, shardings["opt"], replicated(mesh)),
                           donate_argnums=(0, 2), compiler_options=compiler_options)
-        return cls(mesh=mesh, rules=rules, trainable=trainable, opt=opt, shardings=shardings, step_fn=step_fn)
+        return cls(mesh=mesh, rules=rules, trainable=trainable, opt=opt, shardings=shardings, step_fn=step_fn,
+                   check_batch=functools.partial(check_batch, batch_size=batch_size, seq_len=seq_len,
+                                                 masked=masked, where=where))
 
     def init_opt(self, trainable):
         """The optimizer state of (placed) `trainable`, laid out like it."""
@@ -110,6 +129,7 @@ class SpmdStep:
         return train, place(frozen, self.shardings["frozen"]), self.init_opt(train)
 
     def place_batch(self, batch: dict) -> dict:
+        self.check_batch(batch)
         return place(batch, {k: self.shardings["batch"][k] for k in batch})
 
     def __call__(self, trainable, frozen, opt_state, batch, peak_lr=None):

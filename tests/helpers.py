@@ -5,6 +5,7 @@
 * `stage1_expert`: a small expert built the way the library builds one, on the smoke
   preset's tiny backbone, so it composes with the smoke runs unless altered.
 * `tensor_data_start`: where the tensor bytes of a safetensors file begin (to damage them).
+* `assert_checks_not_traced`: chex's shape checks leave nothing in a traced program.
 """
 
 from __future__ import annotations
@@ -84,3 +85,17 @@ def kill_after_checkpoint(procs, run_dir: Path, step: int, *, timeout: float = 2
     procs[0].wait(timeout=30)
     assert procs[0].returncode == -signal.SIGKILL
     assert checkpoint.latest(run_dir / "checkpoints") == ckpt
+
+
+def assert_checks_not_traced(trace) -> None:
+    """`trace()` (e.g. str of a `jax.make_jaxpr`) is the same with chex's assertions on and off:
+    the checks are static, read while tracing, and cost the compiled program nothing."""
+    import chex
+
+    with_checks = trace()
+    chex.disable_asserts()
+    try:
+        without = trace()
+    finally:
+        chex.enable_asserts()
+    assert with_checks == without

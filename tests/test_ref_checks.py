@@ -2,7 +2,6 @@
 ValueError naming the function and what it expects, and the checks are static (they read
 shapes while tracing), so a jitted step holds no trace of them."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import pytest
@@ -13,6 +12,7 @@ from mode_jax.ref.lora import init_lora, lora_merge
 from mode_jax.ref.methods import apply
 from mode_jax.ref.mode import gate_logits, init_mode, mode_forward
 from mode_jax.ref.train import batch_metrics, next_token_metrics
+from tests.helpers import assert_checks_not_traced
 
 CFG = LlamaConfig.tiny(n_layers=2)
 MODE = ModeConfig(n_blocks=2, expert_layers=1, n_experts=2, expert_init="random")
@@ -65,14 +65,7 @@ def test_lora_merge_checks_adapter_shapes():
 def test_checks_add_nothing_to_the_traced_step(params):
     """The jaxpr of the MoDE loss (forward and metrics) is the same with chex's checks on and off."""
     batch = {"tokens": _tokens((2, 6))}
-    trace = lambda: str(jax.make_jaxpr(batch_metrics, static_argnums=2)(params, batch, CFG))
-    with_checks = trace()
-    chex.disable_asserts()
-    try:
-        without = trace()
-    finally:
-        chex.enable_asserts()
-    assert with_checks == without
+    assert_checks_not_traced(lambda: str(jax.make_jaxpr(batch_metrics, static_argnums=2)(params, batch, CFG)))
 
 
 def test_next_token_metrics_checks_its_inputs():
