@@ -14,6 +14,8 @@ from mode_jax.cli import main
 from mode_jax.fast.config import FastConfig
 from mode_jax.fast.params import to_fast
 from mode_jax.pipeline import gate_analysis as G
+from mode_jax.pipeline import sources
+from mode_jax.ref import costs
 from mode_jax.ref.config import LlamaConfig, ModeConfig
 from mode_jax.ref.mode import mode_hidden
 from tests.test_fast_params import random_params
@@ -71,13 +73,18 @@ def test_analysis_and_trace_of_an_uninit_run(tmp_path):
         np.testing.assert_allclose(stats["mean_routing"], result["domains"][d]["routing"], **PROBABILITY_SUM)
         assert (stats["own_top_share"] is None) == (d == "english")
         assert all(0 <= h <= np.log(3) for h in stats["entropy"])
+        # Sparse dispatch FLOPs from the measured top-1 selection (dense run: each token's largest weight).
+        smoke = sources.tiny_config(d_model=32, n_layers=4, vocab_size=259)     # the smoke preset's backbone
+        want = costs.dispatch_flops(smoke, ModeConfig(n_blocks=2, expert_layers=1, n_experts=2), 32,
+                                    selected=stats["selected"])
+        assert report["sparse_dispatch"][d] == pytest.approx(want, **APPROX_FLOAT64)
     trace = report["trace"]
     assert [p["step"] for p in trace] == [0, 2, 4]
     # Step 0: the backbone-favouring gate init (zero weights, margin 4): a_bb = e^4 / (e^4 + 2) for every token.
     assert_close(np.asarray(trace[0]["routing"]["math"])[:, 0], np.full(2, np.e**4 / (np.e**4 + 2)))
     # The replay ends at the saved model: its routing on the probe rows (the first 4 eval rows).
     assert saved["gate_top_k"] is None
-    from mode_jax.pipeline import expert_io, presets, sources
+    from mode_jax.pipeline import expert_io, presets
     pcfg = sources.resolve_domains(presets.load_config(config=str(run / "config.toml")))
     ctx_bb = sources.load_backbone(pcfg, sources.synthetic_data(pcfg.eval_domains, pcfg.data.synthetic_documents,
                                                                 pcfg.train.seed).vocab_size, progress=False)

@@ -20,7 +20,8 @@ domain every `every` steps (cheap: a forward of those rows). `plot` draws both.
     python -m mode_jax.pipeline.gate_analysis RUN_DIR [--trace-every 50] [--out DIR]
 
 reads a finished compose / uninit run (its config.toml, result.json and model.safetensors) and
-writes gate_analysis.json and gate_analysis.png into DIR (default: the run directory).
+writes gate_analysis.json (with each domain's sparse-dispatch FLOPs, ref.costs.dispatch_flops on
+its measured selection) and gate_analysis.png into DIR (default: the run directory).
 """
 
 from __future__ import annotations
@@ -196,6 +197,12 @@ def run_analysis(run_dir: Path, out: Path, *, trace_every: int = 0, progress: bo
     report = {"run": str(run_dir), "method": method, "columns": columns, "gate_top_k": top_k,
               "domains": analyse(to_fast(params, expert_layers=cfg.mode.expert_layers), ctx.eval_sets, columns,
                                  ctx.llama, fast, batch_size=cfg.data.eval_batch_size, gate_top_k=top_k)}
+    # What a sparse dispatch would save per token, each domain's measured top-k selection (top-1
+    # of the dense weights for a dense run: what a top-1 dispatch of this gate would run).
+    from mode_jax.ref.costs import dispatch_flops
+    layout = sources.mode_config(cfg, len(columns) - 1)
+    report["sparse_dispatch"] = {d: dispatch_flops(ctx.llama, layout, cfg.data.seq_len, selected=stats["selected"])
+                                 for d, stats in report["domains"].items()}
     if trace_every:
         start = _stage2_start(ctx, result, method)
         report["trace"] = trace(ctx, start, method, result["domains_trained"], every=trace_every)
