@@ -17,8 +17,9 @@ Top-k rows run the same dense compute (every stack runs; the gate masks): `spars
 share of forward FLOPs a sparse dispatch would save (ref.costs.dispatch_flops, the backbone
 taken as always kept).
 
-On the H200 (about 5 minutes; one process per row):
-    source scripts/device_env.sh && python3 bench/cost_table.py --out bench/results/cost-table-h200
+On the H200 (one process per row, ~30-60 s each; rows already in --out are kept, so the same
+command, repeated, finishes the table within calls of 10 minutes):
+    source scripts/device_env.sh && python3 bench/cost_table.py --out bench/results/cost-table-h200 --time-limit 500
 CPU smoke run (a tiny model, every row in this process):
     python bench/cost_table.py --small --in-process
 """
@@ -180,7 +181,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --small 2)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiles included)")
     p.add_argument("--dtype", default=None, help="compute dtype (default bfloat16; --small float32)")
-    p.add_argument("--layer-loop", default="auto", choices=("auto", "scan", "python"))
+    p.add_argument("--layer-loop", default="scan", choices=("auto", "scan", "python"),
+                   help="how stacks of layers loop (default scan, as the gpu preset and its sweeps run)")
+    p.add_argument("--time-limit", type=float, default=0, help="start no new row after this many seconds (0: none)")
     p.add_argument("--in-process", action="store_true", help="every row in this process (peak_gib then "
                    "is the high-water mark of all rows so far: left out)")
     p.add_argument("--one", help=argparse.SUPPRESS)          # a child process: measure this row, print JSON
@@ -204,33 +207,51 @@ def _child_args(args, row: str) -> list[str]:
     return out + (["--small"] if args.small else [])
 
 
+def _write(out: Path, rows: list[dict], args) -> None:
+    from mode_jax.atomic import write_text_atomic
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "cost_table.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(out / "cost_table.md", markdown(rows, args))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.one, args)), flush=True)
         return 0
-    rows = []
+    began = time.time()
+    out = Path(args.out) if args.out else None
+    done = {}
+    if out is not None and (out / "cost_table.jsonl").is_file():
+        # Rows measured by an earlier call (same --out) are kept: the table fills in over calls.
+        done = {r["row"]: r for r in map(json.loads, (out / "cost_table.jsonl").read_text().splitlines())}
+    rows, failed = [], []
     for row in args.row_list:
+        if row in done:
+            rows.append(done[row])
+            continue
+        if args.time_limit and time.time() - began > args.time_limit:
+            print(f"time limit: {row} and later rows not measured; run the same command again", file=sys.stderr)
+            break
         if args.in_process:
             r = measure(row, args)
             r.pop("peak_gib", None)
         else:
             proc = subprocess.run(_child_args(args, row), capture_output=True, text=True)
             if proc.returncode != 0:
+                # One row failing (out of memory, say) leaves the others to measure; the exit code says so.
                 print(f"{row}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
-                return 1
+                failed.append(row)
+                continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(r)
         print(json.dumps(r), flush=True)
-    table = markdown(rows, args)
-    print(table)
-    if args.out:
-        from mode_jax.atomic import write_text_atomic
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "cost_table.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        write_text_atomic(out / "cost_table.md", table)
-    return 0
+        if out is not None:
+            _write(out, rows + [done[x] for x in done if x not in {y["row"] for y in rows}], args)
+    print(markdown(rows, args))
+    if failed:
+        print(f"failed rows: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

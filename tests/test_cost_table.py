@@ -42,7 +42,9 @@ def test_cost_table_small(tmp_path):
     for r in rows.values():
         assert r["compiled_gib"] > 0 and r["step_ms"] > 0 and r["eval_tokens_per_s"] > 0
         assert f"| {r['row']} |" in md
-    # The GPU path: a child process per row; a backbone row trains nothing.
-    one, _ = run("--rows", "backbone", tmp_path=tmp_path / "child")
-    assert one["backbone"]["params_trained"] == 0 and "step_ms" not in one["backbone"]
-    assert one["backbone"]["params_total"] == costs.backbone_params(TINY)
+    # Again into the same --out with one more row, in a child process (the GPU path): the rows
+    # measured before are kept as they were, the new one added; a backbone row trains nothing.
+    more, _ = run("--rows", "full,backbone", tmp_path=tmp_path)
+    assert more["full"] == rows["full"] and set(more) == {"full", "capacity-1x4", "mode-2x-top1", "backbone"}
+    assert more["backbone"]["params_trained"] == 0 and "step_ms" not in more["backbone"]
+    assert more["backbone"]["params_total"] == costs.backbone_params(TINY)
