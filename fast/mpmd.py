@@ -29,8 +29,9 @@ The fused merge ships (D + F) / D = 3.67x the stacked merge's activation bytes e
 (SmolLM2: F / D = 2.67), plus W, and runs every last down-projection on the backbone
 mesh; docs/distributed.md weighs this. `fast=None` (ref/'s layer math) merges stacked.
 
-Each `jax.vjp` runs inside the forward jit and returns its pullback (a pytree holding
-the residuals on that mesh), which the backward jit applies: no recomputation.
+The per-mesh functions are `fast/mpmd_fns.py`'s. Each `jax.vjp` runs inside the forward
+jit and returns its pullback (a pytree holding the residuals on that mesh), which the
+backward jit applies: no recomputation.
 Each sub-mesh has its own axes and so its own rules table (`fast/sharding.py`).
 The backbone (and embedding, LM head) is frozen; gates and, unless
 trainable='gates', experts train. The merge runs on the backbone mesh.
@@ -43,16 +44,15 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mode_jax.fast import components as C
 from mode_jax.fast import optim
 from mode_jax.fast.combine import gated_combine as platform_gated_combine
 from mode_jax.fast.config import FastConfig
-from mode_jax.fast.sharded_combine import sharded_gated_combine
 from mode_jax.fast.placement import Placement
-from mode_jax.fast.sharding import (activation_sharding, batch_axes, host, make_mesh, place,
+from mode_jax.fast.mpmd_fns import mesh_fns
+from mode_jax.fast.sharding import (activation_sharding, host, make_mesh, place,
                                     replicated, rules_for_axes, shardings_for)
 from mode_jax.fast.spmd import batch_shardings, check_batch
 from mode_jax.ref.config import LlamaConfig, OptimConfig
@@ -136,7 +136,7 @@ class MpmdStep:
             return stack, hidden_u, replicated(m.mesh)                                          # r, u, W
         self.ship_ex = [shipped(m, len(s.experts)) for s, m in zip(self.placement.experts, self.meshes[1:])]
         self.ship_bb = [shipped(bb, len(s.experts)) for s in self.placement.experts]
-        self._compile_fns(combine, functools.partial(jax.jit, compiler_options=compiler_options))
+        self.fns = mesh_fns(self, combine, functools.partial(jax.jit, compiler_options=compiler_options))
 
     # ------------------------------------------------------------------ layout
     def _split(self, params) -> dict:
@@ -220,90 +220,6 @@ class MpmdStep:
                                *[host(e["experts"]) for e in state["experts"]])
         return {"backbone": host(state["backbone"]), "blocks": {"experts": experts, **host(state["gates"])}}
 
-    # ------------------------------------------------------------------ per-mesh functions
-    def _compile_fns(self, combine, jit):
-        num, per_block, bb = self.num, self.per_block, self.meshes[0]
-        order = tuple(e for s in self.placement.experts for e in s.experts)
-        token_axes = batch_axes(bb.mesh, bb.rules)
-
-        def merge_combine(logits, outputs):
-            return sharded_gated_combine(logits, outputs, mesh=bb.mesh, token_axes=token_axes,
-                                         combine=combine)
-
-        def embed(backbone, tokens):
-            return jax.lax.with_sharding_constraint(num.embed(backbone, tokens[:, :-1]), bb.hidden)
-
-        fused, n_diff = self.fused, self.n_diff
-
-        def bb_fwd(layers, x, i):                 # -> (r, u) fused, (h,) stacked; its pullback
-            def f(x):
-                out = C.backbone_block(layers, x, i, per_block=per_block, num=num, parts=fused)
-                return out if fused else (out,)
-            return jax.vjp(f, x)
-
-        def merge_fwd(gates, w_down, x, p_bb, outs, i):
-            # outs: per expert mesh, what it shipped; the first n_diff are differentiated.
-            consts = [o[n_diff:] for o in outs]
-
-            def f(w, b, x, p_bb, diff):
-                ex = [d + c for d, c in zip(diff, consts)]
-                if fused:
-                    # The down-projection of the block's last backbone layer: [F, D].
-                    w_bb = jax.lax.dynamic_index_in_dim(w_down, (i + 1) * per_block - 1, 0, keepdims=False)
-                    y = C.fused_gate_merge(w, b, x, (*p_bb, w_bb), ex, expert_order=order)
-                else:
-                    y = C.gate_merge(w, b, x, p_bb[0], [e[0] for e in ex], combine=merge_combine,
-                                     expert_order=order)
-                return jax.lax.with_sharding_constraint(y, bb.hidden)
-            return jax.vjp(f, gates["gate_w"][i], gates["gate_b"][i], x, p_bb, [o[:n_diff] for o in outs])
-
-        def head(backbone, y, batch):
-            def loss(y):
-                m = num.head_metrics(backbone, y, batch["tokens"][:, 1:], batch.get("mask"))
-                return m["loss"], m
-            (_, metrics), dy = jax.value_and_grad(loss, has_aux=True)(y)
-            return metrics, dy
-
-        def make_ex_fwd(ship):
-            def ex_fwd(experts, x, i):            # -> what this mesh ships (module docstring), pullback
-                def f(p, x):
-                    out = C.experts_forward(p, x, num, parts=fused)
-                    out = tuple(jax.lax.with_sharding_constraint(o, s)
-                                for o, s in zip(out if fused else (out,), ship))
-                    # The experts' last down-projections [n, F, D], differentiated when they train.
-                    return out + (p["w_down"][:, -1],) if fused and self.train_experts else out
-                p_i = C.take_block(experts["experts"], i)
-                if self.train_experts:
-                    return jax.vjp(f, p_i, x)
-                out, vjp = jax.vjp(lambda x: f(p_i, x), x)
-                # Frozen experts: W goes along for the forward, and no dW comes back.
-                return out + ((p_i["w_down"][:, -1],) if fused else ()), vjp
-            return jit(ex_fwd)
-
-        def stack_norm(grads):            # per-block grads -> [n_blocks, ...] and its squared norm
-            stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
-            return stacked, sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(stacked))
-
-        opt = self.opt
-
-        def update(grads, state, params, sq_norms, peak_lr):
-            # Every mesh clips by the norm of all the gradients, as one tree would be.
-            norm = jnp.sqrt(sum(sq_norms))
-            return optim.apply(grads, state, params, opt, peak_lr=peak_lr, grad_norm=norm)
-
-        def make_update(shardings, opt_shardings, mesh):   # outputs keep the placed layout: no recompiles
-            out = (shardings, opt_shardings, replicated(mesh))
-            return jit(update, donate_argnums=(1, 2), out_shardings=out)
-
-        self._embed, self._bb_fwd, self._merge_fwd = jit(embed), jit(bb_fwd), jit(merge_fwd)
-        self._head, self._add = jit(head), jit(lambda parts: sum(parts[1:], parts[0]))
-        self._apply = jit(lambda vjp, ct: vjp(ct))
-        self._ex_fwd = [make_ex_fwd(s) for s in self.ship_ex]
-        self._stack_norm = jit(stack_norm)
-        opt_sh = self.shardings["opt"]
-        self._update = [make_update(self.shardings["gates"], opt_sh["gates"], bb.mesh)] + [
-            make_update(s, o, m.mesh) for s, o, m in zip(self.shardings["experts"], opt_sh["experts"], self.meshes[1:])]
-
     # ------------------------------------------------------------------ the step
     def __call__(self, state: dict, batch: dict, *, profile: dict | None = None, peak_lr=None):
         """One step; batch from `place_batch`; `peak_lr` overrides opt.learning_rate (traced:
@@ -323,28 +239,28 @@ class MpmdStep:
             return run("transfer", jax.device_put, x, sharding)
 
         bb, ex_meshes = self.meshes[0], self.meshes[1:]
-        x = run(bb.name, self._embed, state["backbone"], batch["tokens"])
+        x = run(bb.name, self.fns.embed, state["backbone"], batch["tokens"])
         tapes = []
         for i in range(self.n_blocks):
             xs = [put(x, m.hidden) for m in ex_meshes]
             ex = [run(m.name, f, e, xm, m.index[i])
-                  for m, f, e, xm in zip(ex_meshes, self._ex_fwd, state["experts"], xs)]
-            p_bb, vjp_bb = run(bb.name, self._bb_fwd, state["backbone"]["layers"], x, bb.index[i])
+                  for m, f, e, xm in zip(ex_meshes, self.fns.ex_fwd, state["experts"], xs)]
+            p_bb, vjp_bb = run(bb.name, self.fns.bb_fwd, state["backbone"]["layers"], x, bb.index[i])
             outs = [put(o, s) for (o, _), s in zip(ex, self.ship_bb)]
-            x, vjp_merge = run(bb.name, self._merge_fwd, state["gates"], state["backbone"]["layers"]["w_down"],
+            x, vjp_merge = run(bb.name, self.fns.merge_fwd, state["gates"], state["backbone"]["layers"]["w_down"],
                                x, p_bb, outs, bb.index[i])
             tapes.append((vjp_merge, vjp_bb, [v for _, v in ex]))
-        metrics, dy = run(bb.name, self._head, state["backbone"], x, batch)
+        metrics, dy = run(bb.name, self.fns.head, state["backbone"], x, batch)
         g_gates, g_experts = [], [[] for _ in ex_meshes]
         for i in reversed(range(self.n_blocks)):
             vjp_merge, vjp_bb, vjp_ex = tapes[i]
-            d_w, d_b, dx, dp_bb, d_outs = run(bb.name, self._apply, vjp_merge, dy)
+            d_w, d_b, dx, dp_bb, d_outs = run(bb.name, self.fns.apply, vjp_merge, dy)
             d_outs = [put(d, s[:self.n_diff]) for d, s in zip(d_outs, self.ship_ex)]
-            ex = [run(m.name, self._apply, v, d) for m, v, d in zip(ex_meshes, vjp_ex, d_outs)]
-            dx_bb, = run(bb.name, self._apply, vjp_bb, dp_bb)
+            ex = [run(m.name, self.fns.apply, v, d) for m, v, d in zip(ex_meshes, vjp_ex, d_outs)]
+            dx_bb, = run(bb.name, self.fns.apply, vjp_bb, dp_bb)
             dxs = [put(r[-1], bb.hidden) for r in ex]
             if i:                                   # block 0's input is the frozen embedding
-                dy = run(bb.name, self._add, [dx, dx_bb, *dxs])
+                dy = run(bb.name, self.fns.add, [dx, dx_bb, *dxs])
             g_gates.insert(0, {"gate_w": d_w, "gate_b": d_b})
             for m, r in enumerate(ex):
                 if self.train_experts:
@@ -354,17 +270,17 @@ class MpmdStep:
 
     def _optimizer_step(self, state, g_gates, g_experts, metrics, run, put, peak_lr):
         bb, ex_meshes = self.meshes[0], self.meshes[1:]
-        grads = [run(bb.name, self._stack_norm, g_gates)]
+        grads = [run(bb.name, self.fns.stack_norm, g_gates)]
         if self.train_experts:
-            grads += [run(m.name, self._stack_norm, g) for m, g in zip(ex_meshes, g_experts)]
+            grads += [run(m.name, self.fns.stack_norm, g) for m, g in zip(ex_meshes, g_experts)]
         targets = self.meshes[:len(grads)]
         sq = [[put(sq, replicated(t.mesh)) for _, sq in grads] for t in targets]
         new = {"backbone": state["backbone"], "experts": state["experts"], "opt": dict(state["opt"])}
         new["gates"], new["opt"]["gates"], stats = run(
-            bb.name, self._update[0], grads[0][0], state["opt"]["gates"], state["gates"], sq[0], peak_lr)
+            bb.name, self.fns.update[0], grads[0][0], state["opt"]["gates"], state["gates"], sq[0], peak_lr)
         if self.train_experts:
             updated = [run(m.name, u, g[0], o, e, s, peak_lr) for m, u, g, o, e, s in
-                       zip(ex_meshes, self._update[1:], grads[1:], state["opt"]["experts"],
+                       zip(ex_meshes, self.fns.update[1:], grads[1:], state["opt"]["experts"],
                            state["experts"], sq[1:])]
             new["experts"] = [u[0] for u in updated]
             new["opt"]["experts"] = [u[1] for u in updated]
