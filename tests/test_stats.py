@@ -198,3 +198,23 @@ def test_average_over_domains():
     d = stats.average_over_domains([(yb, n), (yb, n)], [(ya, n), (ya, n)], n_boot=2000)
     assert d.excludes_zero and d.estimate == pytest.approx(stats.accuracy(yb, n) - stats.accuracy(ya, n),
                                                            **APPROX_FLOAT64)
+
+
+# ----------------------------------------------------------------------------- the reproduce table
+
+def test_reproduce_table_clusters_its_standard_error_by_document():
+    from mode_jax.pipeline import report
+    # Three documents: y = [3, 1, 8] correct of n = [4, 4, 10] tokens, p = 12/18 = 2/3.
+    # Residuals y - p n = [1/3, -5/3, 4/3]; sum of squares 42/9; C/(C-1) = 3/2;
+    # SE = sqrt(3/2 * 42/9) / 18 = sqrt(7) / 18 = 0.14699 (14.70 points).
+    docs = {"correct": [3, 1, 8], "tokens": [4, 4, 10], "ids": [0, 1, 2], "unit": "document"}
+    row = {"label": "full-ft", "params_total": 10, "params_trainable": 10, "train_steps": 1, "train_seconds": 1.0,
+           "domains": {"math": {"accuracy": 12 / 18, "loss": 1.0, "tokens": 18, "per_document": docs},
+                       "code": {"accuracy": 0.5, "loss": 1.0, "tokens": 100}}}
+    table = report.build_table([row], ["math", "code"])
+    r = table["rows"][0]
+    assert r["accuracy_se"]["math"] == pytest.approx(100 * np.sqrt(7) / 18, **APPROX_FLOAT64)
+    assert r["accuracy_se_kind"] == {"math": "document", "code": "binomial"}
+    # an older result without per-document counts: the binomial SE over tokens, sqrt(p(1-p)/n)
+    assert r["accuracy_se"]["code"] == pytest.approx(100 * np.sqrt(0.25 / 100), **APPROX_FLOAT64)
+    assert "binomial where a result has no per-document counts" in report.noise_note(table)

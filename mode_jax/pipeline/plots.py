@@ -69,7 +69,7 @@ def accuracy_bars(table: dict[str, Any], path: Path) -> Path:
         ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
         ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=40, ha="right", fontsize=8)
         ax.set_title(f"{d.capitalize()}" + (" (retention)" if d == "english" else ""))
-        ax.set_ylabel("next-token accuracy (%), ± binomial s.e.")
+        ax.set_ylabel("next-token accuracy (%), ± s.e. (by document)")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

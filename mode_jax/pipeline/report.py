@@ -57,17 +57,30 @@ def build_table(results: list[dict[str, Any]], domains: list[str]) -> dict[str, 
         loss = {d: r["domains"][d]["loss"] for d in domains}
         key = paper_key(r["label"])
         tokens = {d: r["domains"][d]["tokens"] for d in domains}
-        # binomial standard error of an accuracy measured on n tokens (tokens are not independent,
-        # so this is a lower bound on the noise): the size of a difference worth reading
-        se = {d: 100.0 * (acc[d] / 100 * (1 - acc[d] / 100) / max(tokens[d], 1)) ** 0.5 for d in domains}
+        se, se_kind = {}, {}
+        for d in domains:
+            se[d], se_kind[d] = _standard_error(r["domains"][d], acc[d], tokens[d])
         rows.append({"label": r["label"], "method": row_name(r["label"]), "params_total": r["params_total"],
                      "params_trainable": r["params_trainable"], "accuracy": acc, "accuracy_se": se,
+                     "accuracy_se_kind": se_kind,
                      "eval_tokens": tokens, "loss": loss,
                      "avg": sum(acc.values()) / len(acc), "train_steps": r["train_steps"],
                      "train_seconds": r["train_seconds"], "paper": PAPER.get(key) if key else None})
     return {"domains": domains, "rows": rows,
             "note": "accuracy = next-token argmax accuracy (%) on held-out test rows; avg = mean over domains; "
                     "paper = Schafhalter et al. Table 1 (Math+Code; Code expert: Table 3), 1.58B in-house backbone"}
+
+
+def _standard_error(entry: dict[str, Any], acc: float, n_tokens: int) -> tuple[float, str]:
+    """(standard error in points, its kind) of one domain's accuracy. Tokens of one document
+    are correlated, so the SE clusters by test document (stats.clustered_se) where the result
+    holds per-document counts; older results without them get the binomial SE over tokens,
+    a lower bound on the noise (3-6x too small on our test sets), and say so."""
+    from mode_jax.pipeline.stats import clustered_se
+    docs = entry.get("per_document") or {}
+    if len(docs.get("correct") or []) >= 2:
+        return 100.0 * clustered_se(docs["correct"], docs["tokens"]), "document"
+    return 100.0 * (acc / 100 * (1 - acc / 100) / max(n_tokens, 1)) ** 0.5, "binomial"
 
 
 def markdown(table: dict[str, Any]) -> str:
@@ -103,8 +116,13 @@ def _num(x, digits: int = 2) -> str:
 def noise_note(table: dict[str, Any]) -> str:
     ses = [se for r in table["rows"] for se in r["accuracy_se"].values()]
     tokens = sorted({n for r in table["rows"] for n in r["eval_tokens"].values()})
-    return (f"Eval: {', '.join(f'{n:,}' for n in tokens)} test tokens per domain; binomial standard error of "
-            f"an accuracy {min(ses):.2f}-{max(ses):.2f} points (a lower bound: tokens are correlated).\n")
+    kinds = {k for r in table["rows"] for k in r.get("accuracy_se_kind", {}).values()} or {"binomial"}
+    what = ("standard error clustered by test document" if kinds == {"document"} else
+            "binomial standard error (a lower bound: tokens are correlated)" if kinds == {"binomial"} else
+            "standard error clustered by test document, binomial where a result has no per-document counts")
+    return (f"Eval: {', '.join(f'{n:,}' for n in tokens)} test tokens per domain; one seed; {what} of an "
+            f"accuracy {min(ses):.2f}-{max(ses):.2f} points. Multi-seed intervals and paired differences: "
+            f"`mode-jax sweep` (docs/sweep.md).\n")
 
 
 def write(out_dir, table: dict[str, Any], *, header: str = "") -> str:
