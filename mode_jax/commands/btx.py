@@ -32,12 +32,12 @@ def register(sub) -> None:
     b = stage.add_parser("branch", help="stage 1: train a copy of every MLP on one domain",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--domain", required=True, help="a domain of the data (`mode-jax data info` lists them)")
-    b.add_argument("--steps", type=int, default=None, help="training steps (= --set train.stage1_steps=N)")
+    cliargs.add_steps_arg(b, "train.stage1_steps")
     c = stage.add_parser("compose", help="stage 2: the branches' MLPs as top-2 routed experts in every layer",
                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--branches", nargs="+", required=True, metavar="FILE",
                    help="branch model files (model.safetensors of `btx branch` runs)")
-    c.add_argument("--steps", type=int, default=None, help="training steps (= --set train.steps=N)")
+    cliargs.add_steps_arg(c)
     for q in (b, c):
         cliargs.add_config_args(q)
         cliargs.add_run_args(q)
@@ -50,8 +50,6 @@ def run(args) -> int:
     if args.mesh or args.placement:
         sharded.check_method("btx")          # BTX trains on one device: refused, naming it
     branch = args.btx_stage == "branch"
-    if args.steps is not None:
-        args.overrides.append(f"train.{'stage1_steps' if branch else 'steps'}={args.steps}")
     cfg = cliargs.config_from_args(args)
     deadline = cliargs.deadline(args)
     if branch:

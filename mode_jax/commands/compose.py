@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--freeze-experts", action="store_true", help="train the gates only (experts frozen)")
     p.add_argument("--uninit", action="store_true", help="random experts, no stage 1 (give --domains)")
     p.add_argument("--domains", nargs="+", default=None, help="with --uninit: one random expert per domain")
-    p.add_argument("--steps", type=int, default=None, help="training steps (= --set train.steps=N)")
+    cliargs.add_steps_arg(p)
     cliargs.add_config_args(p)
     cliargs.add_run_args(p)
     p.set_defaults(func=run)
@@ -47,8 +47,6 @@ def run(args) -> int:
         raise UserError("--uninit needs --domains (one random expert per domain)")
     if args.uninit and args.freeze_experts:
         raise UserError("--freeze-experts with --uninit would train gates over random experts; drop one")
-    if args.steps is not None:
-        args.overrides.append(f"train.steps={args.steps}")
     cfg = cliargs.config_from_args(args)
     deadline = cliargs.deadline(args)
     if args.uninit:

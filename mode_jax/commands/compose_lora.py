@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--loras", nargs="+", required=True, metavar="FILE",
                    help="per-domain LoRA model files (model.safetensors of finetune --method lora runs)")
     p.add_argument("--freeze-loras", action="store_true", help="train the routers only (LoRAs frozen)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (= --set train.steps=N)")
+    cliargs.add_steps_arg(p)
     cliargs.add_config_args(p)
     cliargs.add_run_args(p)
     p.set_defaults(func=run)
@@ -41,8 +41,6 @@ def run(args) -> int:
 
     if args.mesh or args.placement:
         sharded.check_method("lora_moe")     # LoRA-MoE trains on one device: refused, naming it
-    if args.steps is not None:
-        args.overrides.append(f"train.steps={args.steps}")
     cfg = cliargs.config_from_args(args)
     deadline = cliargs.deadline(args)
     domains = lora_moe.lora_domains(args.loras)          # format and integrity, before any loading

@@ -25,7 +25,7 @@ def register(sub) -> None:
     p = sub.add_parser("finetune", help="baselines: full fine-tuning, LoRA or block expansion on the same mixture",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=("full", "lora", "block_expansion"))
-    p.add_argument("--steps", type=int, default=None, help="training steps (= --set train.steps=N)")
+    cliargs.add_steps_arg(p)
     cliargs.add_config_args(p)
     cliargs.add_run_args(p)
     p.set_defaults(func=run)
@@ -36,8 +36,6 @@ def run(args) -> int:
 
     if args.mesh or args.placement:
         sharded.check_method(args.method)
-    if args.steps is not None:
-        args.overrides.append(f"train.steps={args.steps}")
     cfg = cliargs.config_from_args(args)
     deadline = cliargs.deadline(args)
     ctx = stages.prepare(cfg, cfg.domains.targets, progress=not args.quiet)

@@ -22,7 +22,7 @@ def register(sub) -> None:
     p = sub.add_parser("train-expert", help="stage 1: train one expert on one domain (backbone frozen)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--domain", required=True, help="a domain of the data (`mode-jax data info` lists them)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (= --set train.stage1_steps=N)")
+    cliargs.add_steps_arg(p, "train.stage1_steps")
     cliargs.add_config_args(p)
     cliargs.add_run_args(p)
     p.set_defaults(func=run)
@@ -32,8 +32,6 @@ def run(args) -> int:
     from mode_jax.pipeline import sources, stages
 
     sources.check_domains([args.domain])
-    if args.steps is not None:
-        args.overrides.append(f"train.stage1_steps={args.steps}")
     cfg = cliargs.config_from_args(args)
     deadline = cliargs.deadline(args)
     ctx = stages.prepare(cfg, [args.domain], progress=not args.quiet)

@@ -33,6 +33,12 @@ def add_config_args(p: argparse.ArgumentParser, *, default_preset: str | None = 
     p.set_defaults(default_preset=default_preset)
 
 
+def add_steps_arg(p: argparse.ArgumentParser, key: str = "train.steps") -> None:
+    """`--steps N`, the same as `--set KEY=N` (config_from_args applies it)."""
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (= --set {key}=N)")
+    p.set_defaults(steps_key=key)
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run directory")
     g.add_argument("--out", default=None, metavar="DIR",
@@ -97,6 +103,8 @@ def config_from_args(args) -> presets.PipelineConfig:
         overrides.append(f"model.source={presets._toml_value(args.model)}")
     if getattr(args, "seed", None) is not None:
         overrides.append(f"train.seed={args.seed}")
+    if getattr(args, "steps_key", None) and args.steps is not None:
+        overrides.append(f"{args.steps_key}={args.steps}")
     preset = args.preset or (None if args.config else args.default_preset)
     cfg = presets.load_config(preset=preset, config=args.config, overrides=overrides)
     from mode_jax.pipeline.sources import resolve_domains   # empty domains.targets: the data's domains
