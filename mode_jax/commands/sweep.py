@@ -8,6 +8,7 @@ skips finished runs and continues an interrupted one from its last checkpoint.
 
     mode-jax sweep configs/sweeps/smoke.toml --out runs/sweep-smoke
     mode-jax sweep report runs/sweep-smoke --baseline full
+    mode-jax sweep report runs/sweep-figure3-examples --x data.train_examples,data.stage1_examples
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def register(sub) -> None:
                    help="(report) a cell the others are compared with, paired (repeatable; default: the "
                         "grid's sweep.baseline)")
     p.add_argument("--n-boot", type=int, default=None, metavar="N", help="(report) bootstrap replicates (default 2000)")
+    p.add_argument("--x", default=None, metavar="KEY",
+                   help="(report) also curves.md and curves.png: accuracy against config KEY, one line per "
+                        "series (the cell name without KEY's setting), e.g. data.train_examples, lora.rank, "
+                        "mode.expert_layers; several comma-separated (a cell's x is the first it varies); "
+                        "`params`: trained parameters (series: names without their numeric settings)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)   # kill/resume tests
     p.set_defaults(func=run)
@@ -102,7 +108,7 @@ def _report(args) -> int:
     baseline = args.baseline
     if baseline is None and (out / "grid.toml").is_file():
         baseline = tomllib.loads((out / "grid.toml").read_text(encoding="utf-8")).get("sweep", {}).get("baseline")
-    md = sweep_report.write(out, baseline=baseline, **({"n_boot": args.n_boot} if args.n_boot else {}))
+    md = sweep_report.write(out, baseline=baseline, x=args.x, **({"n_boot": args.n_boot} if args.n_boot else {}))
     print(md)
-    print(f"wrote {out / 'table.md'}", file=sys.stderr)
+    print(f"wrote {out / 'table.md'}" + (f" and {out / 'curves.md'}" if args.x is not None else ""), file=sys.stderr)
     return 0

@@ -177,10 +177,15 @@ def markdown(table: dict[str, Any]) -> str:
     return "\n".join(text)
 
 
-def write(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = stats.N_BOOT) -> str:
-    """table.md, table.json and (with matplotlib) the two plots in `out`; returns the markdown."""
-    from mode_jax.pipeline import plots
+def write(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = stats.N_BOOT,
+          x: str | None = None) -> str:
+    """table.md, table.json and (with matplotlib) the two plots in `out`; returns the markdown.
+    With `x` (a config key, several comma-separated, or `params`): also curves.md and
+    curves.png (pipeline/sweep_curves.py), and their markdown after the table's."""
+    from mode_jax.pipeline import plots, sweep_curves
     out = Path(out)
+    # a bad --x key is refused before anything is written
+    curve_plan = sweep_curves.plan(read_results(out), x) if x is not None else None
     table = build(out, baseline=baseline, n_boot=n_boot)
     md = markdown(table)
     write_text_atomic(out / "table.md", md)
@@ -189,6 +194,8 @@ def write(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
         _error_bars(table, out / "accuracy.png")
         if table["differences"]:
             _difference_bars(table, out / "differences.png")
+    if curve_plan is not None:
+        md += "\n" + sweep_curves.write(out, table, curve_plan)
     return md
 
 
