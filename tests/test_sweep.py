@@ -285,3 +285,36 @@ def test_report_on_recorded_counts(tmp_path):
     md = (tmp_path / "table.md").read_text()
     assert md.count("Paired differences against") == 2 and "not paired" in md
     assert (tmp_path / "differences.png").stat().st_size > 0
+
+
+def test_report_of_one_grid_in_a_shared_out(tmp_path, capsys):
+    """Two grids that share runs (same configs, same run ids) in one --out: `report --grid`
+    reports each grid's runs alone, named as that grid names them, into DIR/report-<grid>/."""
+    a = _grid(tmp_path, TWO_CELLS, name="a.toml")
+    b = tmp_path / "b.toml"     # the same full runs under another name, and a run a lacks
+    b.write_text(GRID.format(cells='[[sweep.cell]]\nname = "ft"\nmethod = "full"\n'
+                                   '[[sweep.cell]]\nname = "ft-fast"\nmethod = "full"\nlr = 1e-2\n')
+                 .replace('baseline = "full"', 'baseline = "ft"'))
+    grid_a, grid_b = sweep.load_grid(a), sweep.load_grid(b)
+    full_a = {c.seed: c.id for c in grid_a.cells if c.name == "full"}
+    assert full_a == {c.seed: c.id for c in grid_b.cells if c.name == "ft"}        # shared runs
+    out = tmp_path / "out"
+    counts = {"full": ([6, 7, 8], [5, 7, 9]), "lora": ([4, 7, 8], [5, 6, 6]), "ft-fast": ([9, 9, 8], [8, 9, 9])}
+    for cell in grid_a.cells + tuple(c for c in grid_b.cells if c.name != "ft"):
+        record = _record(cell.name, cell.seed, counts[cell.name][cell.seed])
+        sweep.append_result(out, {**record, "cell": cell.id})
+    assert main(["sweep", "report", str(out), "--grid", str(b), "--n-boot", "400"]) == 0
+    table = json.loads((out / "report-b" / "table.json").read_text())
+    rows = {r["name"]: r["domains"]["math"]["per_seed"] for r in table["rows"]}
+    assert sorted(rows) == ["ft", "ft-fast"]
+    assert rows["ft"] == pytest.approx([21 / 30, 21 / 30], **APPROX_FLOAT64)
+    assert rows["ft-fast"] == pytest.approx([26 / 30, 26 / 30], **APPROX_FLOAT64)
+    assert table["baselines"] == ["ft"] and not (out / "table.md").exists()
+    assert main(["sweep", "report", str(out), "--grid", str(a), "--n-boot", "400"]) == 0
+    rows = {r["name"] for r in json.loads((out / "report-a" / "table.json").read_text())["rows"]}
+    assert rows == {"full", "lora"}
+    other = tmp_path / "c.toml"
+    other.write_text(GRID.format(cells='[[sweep.cell]]\nmethod = "lora"\nlr = 1e-2\n').replace('"full"', '"lora"'))
+    capsys.readouterr()
+    assert_refused(capsys, ["sweep", "report", str(out), "--grid", str(other)], out / "report-c",
+                   "holds no finished run of")

@@ -9,6 +9,7 @@ skips finished runs and continues an interrupted one from its last checkpoint.
     mode-jax sweep configs/sweeps/smoke.toml --out runs/sweep-smoke
     mode-jax sweep report runs/sweep-smoke --baseline full
     mode-jax sweep report runs/sweep-figure3-examples --x data.train_examples,data.stage1_examples
+    mode-jax sweep report runs/sweep-main --grid configs/sweeps/table1-gpu.toml   # one grid of a shared --out
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def register(sub) -> None:
                         "series (the cell name without KEY's setting), e.g. data.train_examples, lora.rank, "
                         "mode.expert_layers; several comma-separated (a cell's x is the first it varies); "
                         "`params`: trained parameters (series: names without their numeric settings)")
+    p.add_argument("--grid", dest="grid_file", default=None, metavar="GRID.toml",
+                   help="(report) only this grid's runs (by run id, named as it names them; --set as when "
+                        "it ran), written to DIR/report-<grid name>/: grids that share runs run into one "
+                        "--out and report apart")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)   # kill/resume tests
     p.set_defaults(func=run)
@@ -96,7 +101,7 @@ def _compile_cache(path: Path) -> None:
 
 
 def _report(args) -> int:
-    from mode_jax.pipeline import sweep_report
+    from mode_jax.pipeline import sweep, sweep_report
 
     if args.dir is None:
         raise UserError("`mode-jax sweep report` needs the sweep's output directory: mode-jax sweep report DIR")
@@ -105,10 +110,19 @@ def _report(args) -> int:
         raise UserError(f"sweep directory {out} does not exist")
     if args.n_boot is not None and args.n_boot < 100:
         raise UserError(f"--n-boot must be >= 100, got {args.n_boot}")
-    baseline = args.baseline
-    if baseline is None and (out / "grid.toml").is_file():
+    baseline, records, dest = args.baseline, None, out
+    if args.grid_file is not None:
+        grid = sweep.load_grid(args.grid_file, args.overrides)
+        records = sweep_report.for_grid(sweep.read_results(out), grid)
+        if not records:
+            raise UserError(f"{out} holds no finished run of {args.grid_file}'s {len(grid.cells)} runs")
+        dest = out / f"report-{grid.path.stem}"
+        dest.mkdir(exist_ok=True)
+        baseline = baseline if baseline is not None else grid.baseline
+    elif baseline is None and (out / "grid.toml").is_file():
         baseline = tomllib.loads((out / "grid.toml").read_text(encoding="utf-8")).get("sweep", {}).get("baseline")
-    md = sweep_report.write(out, baseline=baseline, x=args.x, **({"n_boot": args.n_boot} if args.n_boot else {}))
+    md = sweep_report.write(dest, baseline=baseline, x=args.x, records=records,
+                            **({"n_boot": args.n_boot} if args.n_boot else {}))
     print(md)
-    print(f"wrote {out / 'table.md'}" + (f" and {out / 'curves.md'}" if args.x is not None else ""), file=sys.stderr)
+    print(f"wrote {dest / 'table.md'}" + (f" and {dest / 'curves.md'}" if args.x is not None else ""), file=sys.stderr)
     return 0

@@ -72,9 +72,19 @@ def _as_list(baseline) -> list[str]:
     return [] if baseline is None else [baseline] if isinstance(baseline, str) else list(baseline)
 
 
-def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = stats.N_BOOT) -> dict[str, Any]:
-    """The table as JSON-able data; `baseline`: one cell name or several (one comparison each)."""
-    records = read_results(out)
+def for_grid(records: list[dict], grid) -> list[dict]:
+    """The records of `grid`'s runs (matched by run id), named as `grid` names its cells: grids
+    that share runs (table1-gpu.toml and baselines-gpu.toml) run into one --out and report apart."""
+    cells = {cell.id: cell for cell in grid.cells}
+    return [{**r, "name": cells[r["cell"]].name, "settings": dict(cells[r["cell"]].settings)}
+            for r in records if r.get("cell") in cells]
+
+
+def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = stats.N_BOOT,
+          records: list[dict] | None = None) -> dict[str, Any]:
+    """The table as JSON-able data; `baseline`: one cell name or several (one comparison each);
+    `records`: these runs instead of <out>/results.jsonl's."""
+    records = read_results(out) if records is None else records
     if not records:
         raise UserError(f"{out} holds no finished sweep runs ({out / 'results.jsonl'} is missing or empty)")
     groups = _groups(records)
@@ -178,15 +188,17 @@ def markdown(table: dict[str, Any]) -> str:
 
 
 def write(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = stats.N_BOOT,
-          x: str | None = None) -> str:
+          x: str | None = None, records: list[dict] | None = None) -> str:
     """table.md, table.json and (with matplotlib) the two plots in `out`; returns the markdown.
     With `x` (a config key, several comma-separated, or `params`): also curves.md and
-    curves.png (pipeline/sweep_curves.py), and their markdown after the table's."""
+    curves.png (pipeline/sweep_curves.py), and their markdown after the table's. `records`:
+    report these runs (for_grid's) instead of <out>/results.jsonl's."""
     from mode_jax.pipeline import plots, sweep_curves
     out = Path(out)
     # a bad --x key is refused before anything is written
-    curve_plan = sweep_curves.plan(read_results(out), x) if x is not None else None
-    table = build(out, baseline=baseline, n_boot=n_boot)
+    records = read_results(out) if records is None else records
+    curve_plan = sweep_curves.plan(records, x) if x is not None else None
+    table = build(out, baseline=baseline, n_boot=n_boot, records=records)
     md = markdown(table)
     write_text_atomic(out / "table.md", md)
     write_text_atomic(out / "table.json", strict_json(table, indent=2, sort_keys=True) + "\n")
