@@ -76,7 +76,7 @@ class Numerics:
             return next_token_metrics(lm_head(backbone, h, self.cfg), targets, mask)
         hn = fast_model.final_norm(backbone, h, self.cfg)
         return fast_loss.next_token_metrics(hn, fast_model.head_weight(backbone, self.cfg), targets, mask,
-                                            chunk=self.fast.loss_chunk)
+                                            chunk=self.fast.loss_chunk, kernel=self.fast.loss_kernel)
 
 
 def take_block(tree: dict, block: jax.Array, size: int = 1) -> dict:

@@ -17,6 +17,7 @@ ATTENTION = ("auto", "xla", "cudnn")
 MERGES = ("fused", "stacked")
 REMATS = ("auto", "none", "dots", "full", "attention", "dots_attention")
 LAYER_LOOPS = ("auto", "scan", "python")
+LOSS_KERNELS = ("xla", "pallas", "pallas_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,12 @@ class FastConfig:
     merge: str = "fused"
     # Tokens per logits chunk in the loss: at most [loss_chunk, V] logits exist at once.
     loss_chunk: int = 4096
+    # The LM head + cross-entropy (fast/loss.py). 'xla': the chunked path above. 'pallas': the
+    # fused Triton kernels of kernels/fused_ce.py on a CUDA GPU (no [tokens, V] logits at all;
+    # not yet measured against 'xla', hence not the default), the chunked path on other
+    # platforms. 'pallas_interpret': those kernels in the Pallas interpreter on any platform
+    # (CPU tests of the integration; slow).
+    loss_kernel: str = "xla"
     # How a stack of layers is looped over. 'scan': one lax.scan (one compiled layer body;
     # each iteration copies its layer's weights and saved activations out of the stacked
     # arrays); 'python': a Python loop, every layer its own buffers, longer compiles.
@@ -55,7 +62,7 @@ class FastConfig:
                                                  jnp.dtype(jnp.float16), jnp.dtype(jnp.float64)):
             raise ValueError(f"FastConfig.compute_dtype must be a float dtype name, got {self.compute_dtype!r}")
         for name, options in (("attention", ATTENTION), ("merge", MERGES), ("remat", REMATS),
-                              ("layer_loop", LAYER_LOOPS)):
+                              ("layer_loop", LAYER_LOOPS), ("loss_kernel", LOSS_KERNELS)):
             if getattr(self, name) not in options:
                 raise ValueError(f"FastConfig.{name} must be one of {options}, got {getattr(self, name)!r}")
         if not isinstance(self.fuse_projections, bool):

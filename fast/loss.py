@@ -17,6 +17,10 @@ and the backward rule only scales them by the incoming cotangent. Nothing is
 recomputed and no [tokens, V] array is kept for the backward pass. Without
 differentiation (eval) only the statistics are computed. The accuracy has zero
 gradient.
+
+`kernel="pallas"` (FastConfig.loss_kernel) swaps the chunks for the fused Triton kernels of
+`kernels/fused_ce.py` on a CUDA GPU (chosen at lowering time; the chunked path elsewhere):
+same sums, same gradients, no logits in memory at all, the backward recomputing them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+
+from mode_jax.kernels.fused_ce import MIN_DOT, fused_ce
 
 F32 = jnp.float32
 
@@ -115,14 +121,36 @@ def _make_chunked_sums(chunk: int):
     return chunked_sums
 
 
+def _fused_sums(h, w, targets, mask, *, interpret):
+    """The chunked sums' (nll, correct) from the fused kernels' per-token values."""
+    loss, correct = fused_ce(h, w, targets, mask, interpret=interpret)          # [B, T] each
+    return jnp.sum(loss), jnp.sum(correct)
+
+
+def _sums(kernel: str, chunk: int, width: int):
+    """(h, w, targets, mask) -> (nll, correct) for FastConfig.loss_kernel (config.LOSS_KERNELS)."""
+    chunked = _make_chunked_sums(chunk)
+    if kernel == "xla" or width % MIN_DOT:     # the kernels' dots need D in multiples of 16
+        return chunked
+    if kernel == "pallas_interpret":
+        return functools.partial(_fused_sums, interpret=True)
+    if kernel != "pallas":
+        raise ValueError(f"next_token_metrics: kernel must be 'xla', 'pallas' or 'pallas_interpret', got {kernel!r}")
+    # Triton on CUDA only (kernels/fused_ce.py has no TPU version); only the branch of the
+    # platform compiled for is lowered.
+    return lambda *args: lax.platform_dependent(*args, cuda=functools.partial(_fused_sums, interpret=False),
+                                                default=chunked)
+
+
 def next_token_metrics(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array | None = None,
-                       *, chunk: int = 4096) -> dict:
+                       *, chunk: int = 4096, kernel: str = "xla") -> dict:
     """Masked mean cross-entropy and argmax accuracy of logits = h @ w.T, chunked.
 
     h [B, T, D] final-normed hidden states (its dtype is the logits' dtype), w [V, D]
     the output projection (any dtype; its gradient comes back in it, accumulated in
     float32), targets int [B, T], mask [B, T] (None = all count).
     Returns {"loss", "accuracy", "tokens"} as `ref.train.next_token_metrics`.
+    kernel: FastConfig.loss_kernel ('xla' = the chunks, 'pallas', 'pallas_interpret').
     """
     # chex reads shapes and dtypes while tracing: nothing of it is in the traced program.
     where, err = "next_token_metrics", ValueError
@@ -140,7 +168,7 @@ def next_token_metrics(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax
     if mask is None:
         mask = jnp.ones(targets.shape, F32)
     mask = lax.stop_gradient(mask.astype(F32))
-    nll, correct = _make_chunked_sums(int(chunk))(h, w, targets, mask)
+    nll, correct = _sums(kernel, int(chunk), h.shape[-1])(h, w, targets, mask)
     count = jnp.sum(mask)
     denom = jnp.maximum(count, 1.0)
     return {"loss": nll / denom, "accuracy": lax.stop_gradient(correct) / denom, "tokens": count}

@@ -103,7 +103,8 @@ def batch_metrics(params: dict, batch: dict, cfg: LlamaConfig, fast: FastConfig,
         h = model.hidden(params, tokens[:, :-1], cfg, fast, lora)                 # [B, T, D]
     hn = model.final_norm(backbone, h, cfg)
     w = model.head_weight(backbone, cfg)
-    out = fast_loss.next_token_metrics(hn, w, tokens[:, 1:], batch.get("mask"), chunk=fast.loss_chunk)
+    out = fast_loss.next_token_metrics(hn, w, tokens[:, 1:], batch.get("mask"), chunk=fast.loss_chunk,
+                                       kernel=fast.loss_kernel)
     if with_routing:
         out["routing"] = None if probs is None else routing(probs)
     if btx_stats is not None:
