@@ -61,7 +61,7 @@ from shapes import SHAPES  # bench/, next to this script
 from mode_jax.fast import model as fast_model
 from mode_jax.fast import params as P
 from mode_jax.fast import train as FT
-from mode_jax.fast.config import LAYER_LOOPS, REMATS, FastConfig
+from mode_jax.fast.config import LAYER_LOOPS, LOSS_KERNELS, REMATS, FastConfig
 from mode_jax.fast.sharding import make_mesh
 from mode_jax.fast.spmd import SpmdStep
 from mode_jax.ref import llama as ref_llama
@@ -89,6 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="skip the matmul measurement")
     p.add_argument("--peer-json", default=None, help="JSON lines written by bench/peer_hf.py")
     p.add_argument("--loss-chunk", type=int, default=4096)
+    p.add_argument("--loss-kernel", default="xla", choices=list(LOSS_KERNELS),
+                   help="FastConfig.loss_kernel: 'pallas' = the fused LM-head + cross-entropy Triton kernels "
+                        "(kernels/fused_ce.py; CUDA only), 'pallas_interpret' = the same in the Pallas "
+                        "interpreter (CPU smoke runs; slow)")
     p.add_argument("--remat", default=None, choices=list(REMATS), help="default: FastConfig's")
     p.add_argument("--layer-loop", default=None, choices=list(LAYER_LOOPS), help="default: FastConfig's")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
@@ -107,6 +111,10 @@ def parse_args(argv=None):
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
                    help="write each compiled train step's optimised HLO to DIR/<run>.hlo.txt")
     args = p.parse_args(argv)
+    if args.loss_kernel == "pallas" and jax.default_backend() != "gpu":
+        # On other platforms fast/loss.py would quietly run the chunked path: refuse instead.
+        p.error(f"--loss-kernel pallas runs Triton kernels and needs a CUDA GPU (this is "
+                f"{jax.default_backend()}); use --loss-kernel pallas_interpret or xla here")
     if args.small:
         args.batch, args.seq, args.steps, args.warmup = 2, 32, 3, 1
     if args.parts is None:
@@ -211,7 +219,7 @@ def random_batch(key, cfg, batch, seq):
 
 def fast_config(part: str, args, overrides: dict | None = None) -> FastConfig:
     chosen = {k: v for k, v in (("remat", args.remat), ("layer_loop", args.layer_loop)) if v is not None}
-    base = FastConfig(attention=args.attention, loss_chunk=args.loss_chunk,
+    base = FastConfig(attention=args.attention, loss_chunk=args.loss_chunk, loss_kernel=args.loss_kernel,
                       merge="stacked" if part.endswith("stacked") else "fused", **chosen)
     return dataclasses.replace(base, **(overrides or {}))
 
@@ -320,6 +328,8 @@ def run_train(part: str, args, peak: float, overrides: dict | None = None) -> di
     seconds, (train, state, metrics) = median_time(one, (train, state, None), steps=args.steps,
                                                    warmup=args.warmup)
     label = f"ours {LABEL[part]}{_tag(overrides)}"
+    if fast.loss_kernel != "xla" and "loss_kernel" not in (overrides or {}):
+        label += f" [loss {fast.loss_kernel}]"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
     if args.dump_hlo:
         os.makedirs(args.dump_hlo, exist_ok=True)
@@ -344,7 +354,7 @@ def run_train(part: str, args, peak: float, overrides: dict | None = None) -> di
             "tokens_per_s": tokens / seconds, "tflop_per_step": flops / 1e12,
             "tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak,
             "trainable_params": P.count_params(train), "temp_gb": temp_gb, "mem_gb": mem_gb, "shape": args.shape,
-            "loss": float(metrics["loss"])}
+            "loss": float(metrics["loss"]), "loss_kernel": fast.loss_kernel}
 
 
 # ----------------------------------------------------------------------------- the block

@@ -72,15 +72,17 @@ class BlockSizes:
     block_v: int = 128
     grad_rows: int = 32
     block_d: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int = 8
+    num_stages: int = 1
 
     @classmethod
     def get_default(cls, *, width: int) -> BlockSizes:
-        """Chosen, not yet measured. block_d: the widest power of two in [16, 64] dividing D
-        (a 64-wide bf16 row is one 128-byte line). grad_rows: the [grad_rows, D] float32
-        gradient tile lives in registers, 32 x 576 x 4 B = 72 KiB (144 per thread with 4
-        warps); halved beyond D = 1024 so D = 2048 stays at 128 KiB."""
+        """Chosen, not yet measured (bench/gpu_fused_ce.py --sweep measures them).
+        block_d: the widest power of two in [16, 64] dividing D (a 64-wide bf16 row is one
+        128-byte line). grad_rows: the [grad_rows, D] float32 gradient tile lives in
+        registers: 32 x 576 x 4 B = 72 KiB, 72 registers a thread with 8 warps; halved
+        beyond D = 1024 so D = 2048 stays at 128 KiB. num_stages 1: pipelining the vocab
+        loop would buffer all D / block_d operand tiles of a step (~216 KiB at D = 576)."""
         block_d = 64
         while block_d > MIN_DOT and width % block_d:
             block_d //= 2

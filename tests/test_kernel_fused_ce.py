@@ -10,6 +10,10 @@ sets so jit caches are reused; V and N are never multiples of the tiles.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +236,26 @@ def test_fast_loss_dispatches_on_cuda_only_and_skips_a_frozen_head():
     assert "xla.gpu.triton" not in _lower_cuda(grad((0, 1), "xla"), *shapes)
     cpu = jax.jit(grad((0, 1))).trace(*[jax.ShapeDtypeStruct(s, d) for s, d in shapes])
     assert "custom_call" not in cpu.lower(lowering_platforms=("cpu",)).as_text()
+
+
+# ---------------------------------------------------------------- the train step (bench script)
+
+
+def test_bench_full_step_with_the_kernel_matches_ref():
+    """bench/gpu_train.py --small --loss-kernel pallas_interpret: one full-FT step of fast/ with
+    the kernels in the loss (tiny model, D = 32) passes the script's check against ref/ in
+    float32; --loss-kernel pallas is refused off a GPU (it would quietly run the chunks)."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_train.py"
+    env = {**os.environ, "XLA_FLAGS": ""}
+
+    def run(kernel):
+        return subprocess.run([sys.executable, str(script), "--small", "--parts", "full", "--loss-kernel", kernel],
+                              capture_output=True, text=True, env=env, timeout=600)
+    proc = run("pallas_interpret")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "check full: loss" in proc.stdout and "ours full FT [loss pallas_interpret]" in proc.stdout
+    refused = run("pallas")
+    assert refused.returncode == 2 and "--loss-kernel pallas runs Triton kernels and needs a CUDA GPU" in refused.stderr
 
 
 # ---------------------------------------------------------------- validation
