@@ -31,7 +31,7 @@ Three kernels; none writes a [N, V] array:
     recomputes the transposed logits tile and accumulates dl^T @ h_tile.
 So the backward recomputes the logits twice: five [N, V, D] matmuls in all, against three
 for the chunked path, which writes and reads the [chunk, V] logits instead. Whether that
-trade wins is measured on the GPU (bench/gpu_train.py --loss-kernel).
+trade wins is measured on the GPU (bench/gpu_fused_ce.py, bench/gpu_train.py --loss-kernel).
 
 Every dot runs over `block_d` columns of D at a time (a static K loop): Triton blocks
 must be powers of two and D = 576 (SmolLM2-135M) = 9 * 64. Tiles that hang over the

@@ -136,14 +136,17 @@ def test_by_hand(impl):
 
 
 def test_argmax_tie_goes_to_the_first_index():
-    # Vocab rows 5 and 200 equal (different 128-row tiles): the target 200 is not a hit, 5 is.
+    # Vocab rows 5 and 200 equal (different 128-row tiles) and far the largest logits of tokens
+    # 0 and 1 (the same hidden state): target 200 is not a hit, target 5 is (jnp.argmax's rule).
     h, w, _, _, g = _inputs(3, 40, 300, 32, jnp.float32)
-    w = w.at[5].set(4.0 * h[0] / jnp.linalg.norm(h[0])).at[200].set(4.0 * h[0] / jnp.linalg.norm(h[0]))
+    h = h.at[1].set(h[0])
+    row = 4.0 * h[0] / jnp.linalg.norm(h[0])
+    w = w.at[5].set(row).at[200].set(row)
     targets = jnp.zeros(40, jnp.int32).at[0].set(200).at[1].set(5)
     loss, correct, _, _ = _kernel_small(h, w, targets, jnp.ones(40), g)
-    want = fused_ce_reference(h, w, targets, jnp.ones(40))
-    assert float(correct[0]) == 0.0 and float(want[1][0]) == 0.0
-    assert_close(loss[:2], want[0][:2])
+    want_loss, want_correct = fused_ce_reference(h, w, targets, jnp.ones(40))
+    assert np.asarray(correct[:2]).tolist() == [0.0, 1.0] == np.asarray(want_correct[:2]).tolist()
+    assert_close(loss[:2], want_loss[:2])
 
 
 def test_masked_tokens_contribute_nothing():
