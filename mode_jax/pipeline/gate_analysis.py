@@ -177,9 +177,7 @@ def plot(analysis: dict, columns: list[str], path: Path, trace_points: list[dict
 def run_analysis(run_dir: Path, out: Path, *, trace_every: int = 0, progress: bool = False) -> dict:
     """Analyse a finished compose / uninit run; writes gate_analysis.json and .png into `out`."""
     from mode_jax.errors import UserError
-    from mode_jax.fast.config import FastConfig
-    from mode_jax.fast.params import to_fast
-    from mode_jax.pipeline import expert_io, presets, sources, stages
+    from mode_jax.pipeline import presets, sources, stages
     run_dir, out = Path(run_dir), Path(out)
     result_path, model_path = run_dir / "result.json", run_dir / "model.safetensors"
     if not result_path.is_file() or not model_path.is_file():
@@ -187,16 +185,37 @@ def run_analysis(run_dir: Path, out: Path, *, trace_every: int = 0, progress: bo
     result = json.loads(result_path.read_text())
     cfg = sources.resolve_domains(presets.load_config(config=str(run_dir / "config.toml")))
     ctx = stages.prepare(cfg, result.get("domains_trained") or cfg.domains.targets, progress=progress)
-    params, method, _ = expert_io.load_model(model_path, ctx.backbone.params, fingerprint=ctx.backbone.fingerprint)
+    report = {"run": str(run_dir), **analyse_run(ctx, run_dir, result, trace_every=trace_every)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "gate_analysis.json", strict_json(report, indent=1) + "\n")
+    plot(report["domains"], report["columns"], out / "gate_analysis.png", report.get("trace"))
+    return report
+
+
+def analyse_run(ctx, run_dir: Path, result: dict, *, trace_every: int = 0) -> dict:
+    """The gate analysis of the finished compose / uninit run in `run_dir` (its
+    model.safetensors; `result` its result.json), on an already prepared `ctx` (stages.prepare
+    of the run's config: its eval sets, backbone and, for the trace, its training data):
+    {"method", "columns", "gate_top_k", "trace_every", "domains": {domain: gate_stats},
+    "sparse_dispatch": {domain: ...}} and, with trace_every > 0, "trace" (`trace`'s points).
+    Writes nothing."""
+    from mode_jax.errors import UserError
+    from mode_jax.fast.config import FastConfig
+    from mode_jax.fast.params import to_fast
+    from mode_jax.pipeline import expert_io, sources, stages
+    cfg = ctx.cfg
+    params, method, _ = expert_io.load_model(Path(run_dir) / "model.safetensors", ctx.backbone.params,
+                                             fingerprint=ctx.backbone.fingerprint)
     if "blocks" not in params:
         raise UserError(f"{run_dir} holds a {method} model: the gate analysis needs a MoDE run")
     columns = result.get("routing_columns") or ["backbone", *result["domains_trained"]]
     top_k = (cfg.mode.gate_top_k or None) if method in stages.TOP_K_METHODS else None
     fast = FastConfig(compute_dtype=cfg.model.compute_dtype)
     params = jax.tree.map(jnp.asarray, params)
-    report = {"run": str(run_dir), "method": method, "columns": columns, "gate_top_k": top_k,
+    report = {"method": method, "columns": columns, "gate_top_k": top_k, "trace_every": trace_every,
               "domains": analyse(to_fast(params, expert_layers=cfg.mode.expert_layers), ctx.eval_sets, columns,
                                  ctx.llama, fast, batch_size=cfg.data.eval_batch_size, gate_top_k=top_k)}
+    del params
     # What a sparse dispatch would save per token, each domain's measured top-k selection (top-1
     # of the dense weights for a dense run: what a top-1 dispatch of this gate would run).
     from mode_jax.ref.costs import dispatch_flops
@@ -206,9 +225,6 @@ def run_analysis(run_dir: Path, out: Path, *, trace_every: int = 0, progress: bo
     if trace_every:
         start = _stage2_start(ctx, result, method)
         report["trace"] = trace(ctx, start, method, result["domains_trained"], every=trace_every)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "gate_analysis.json", strict_json(report, indent=1) + "\n")
-    plot(report["domains"], columns, out / "gate_analysis.png", report.get("trace"))
     return report
 
 

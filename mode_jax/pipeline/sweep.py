@@ -7,6 +7,7 @@ A grid file (docs/sweep.md) names a base config, the seeds, and cells:
     seeds = [0, 1, 2]                  # every cell runs once per seed (train.seed)
     baseline = "full"                  # the cell(s) the report compares the others with (paired)
     set = { "train.steps" = 2000 }     # overrides for every cell (optional)
+    gate_analysis = 50                 # optional: MoDE runs' gate statistics (0), + stage-2 trace every N steps
 
     [[sweep.cell]]
     method = "full"                    # backbone, expert, full, lora, uninit, mode, mode-frozen, lora-moe, ...
@@ -47,7 +48,7 @@ METHODS = ("backbone", "expert", "full", "lora", "uninit", "mode", "mode-frozen"
 LR_KEY = {"full": "lr.full", "lora": "lr.lora", "uninit": "lr.mode", "expert": "lr.mode", "mode": "lr.mode",
           "mode-frozen": "lr.mode", "lora-moe": "lr.lora", "lora-moe-frozen": "lr.lora",
           "btx": "lr.full", "block_expansion": "lr.expansion"}
-SWEEP_KEYS = {"base", "seeds", "baseline", "set", "cell"}
+SWEEP_KEYS = {"base", "seeds", "baseline", "set", "cell", "gate_analysis"}
 RESULTS = "results.jsonl"
 # Keys added after the first sweeps ran: at these defaults they leave a run's identity (and
 # its stage-1 experts' key) unchanged, so results recorded before them still count as done.
@@ -102,6 +103,9 @@ class Grid:
     cells: tuple[Cell, ...]
     baseline: str | list | None      # the report's paired comparisons are against it (or each of them)
     path: Path
+    # sweep.gate_analysis: None = off, 0 = each gated run's gate statistics, N = also its stage-2
+    # trace every N steps (pipeline/sweep_gates.py); not part of any run's identity
+    gate_analysis: int | None = None
 
 
 def _flatten(table: dict, where: str) -> dict[str, Any]:
@@ -205,9 +209,13 @@ def load_grid(path: str | Path, overrides: list[str] = ()) -> Grid:
     for base in [baseline] if isinstance(baseline, str) else baseline or []:
         if base not in names:
             raise UserError(f"{where}: sweep.baseline {base!r} is not a cell name (names: {', '.join(sorted(names))})")
+    gates = sweep.get("gate_analysis")
+    if gates is not None and (not isinstance(gates, int) or isinstance(gates, bool) or gates < 0):
+        raise UserError(f"{where}: sweep.gate_analysis must be an integer >= 0 (0: gate statistics only, "
+                        f"N: also the stage-2 trace every N steps), got {gates!r}")
     # Seed-major: every cell's seed 0, then seed 1, ...: a sweep stopped part-way (a time
     # limit, a lost machine) holds whole seeds of the grid to compare, not a few cells' seeds.
-    return Grid(tuple(sorted(cells, key=lambda c: c.seed)), baseline, path)
+    return Grid(tuple(sorted(cells, key=lambda c: c.seed)), baseline, path, gates)
 
 
 def _expand(spec: dict, where: str, base: dict, common: dict, seeds: list, seen: dict) -> list[Cell]:

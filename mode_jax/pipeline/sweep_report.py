@@ -192,7 +192,8 @@ def write(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
     """table.md, table.json and (with matplotlib) the two plots in `out`; returns the markdown.
     With `x` (a config key, several comma-separated, or `params`): also curves.md and
     curves.png (pipeline/sweep_curves.py), and their markdown after the table's. `records`:
-    report these runs (for_grid's) instead of <out>/results.jsonl's."""
+    report these runs (for_grid's) instead of <out>/results.jsonl's. Runs with a gate analysis
+    (sweep.gate_analysis): also gates.md, gates.json and gates.png (pipeline/sweep_gates.py)."""
     from mode_jax.pipeline import plots, sweep_curves
     out = Path(out)
     # a bad --x key is refused before anything is written
@@ -208,6 +209,9 @@ def write(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
             _difference_bars(table, out / "differences.png")
     if curve_plan is not None:
         md += "\n" + sweep_curves.write(out, table, curve_plan)
+    if any(r.get("gate_analysis") for r in records):
+        from mode_jax.pipeline import sweep_gates
+        md += "\n" + sweep_gates.write(out, records)
     return md
 
 

@@ -85,7 +85,8 @@ def run_grid(grid: Grid, out: Path, *, progress: bool = True, deadline: float | 
             if deadline is not None and time.time() > deadline:
                 break
             bar.set_postfix_str(f"{cell.name} seed {cell.seed}", refresh=True)
-            record = run_cell(cell, out, progress=progress, deadline=deadline, throttle=throttle)
+            record = run_cell(cell, out, progress=progress, deadline=deadline, throttle=throttle,
+                              gate_analysis=grid.gate_analysis)
             if record is None:
                 break
             append_result(out, record)
@@ -98,8 +99,9 @@ def run_grid(grid: Grid, out: Path, *, progress: bool = True, deadline: float | 
 
 
 def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | None = None,
-             throttle: float = 0.0) -> dict | None:
-    """Train and evaluate one run; its record for results.jsonl, or None if the deadline stopped it."""
+             throttle: float = 0.0, gate_analysis: int | None = None) -> dict | None:
+    """Train and evaluate one run; its record for results.jsonl, or None if the deadline stopped it.
+    `gate_analysis` (sweep.gate_analysis, not None): a gated run's gate analysis goes in its record."""
     from mode_jax.pipeline import expert_io, sources, stages
 
     cfg = sources.resolve_domains(cell.cfg)      # empty domains.targets: the data's domains
@@ -143,7 +145,15 @@ def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | 
         main = _phase(ctx, run_path, cell.method, lambda run: stages.finetune(ctx, run, cell.method))
     if main is None:
         return None
-    return _record(cell, cfg, main, phases, run_path.relative_to(out), began)
+    from mode_jax.pipeline import sweep_gates
+    gates = None
+    if gate_analysis is not None and cell.method in sweep_gates.GATED:
+        # in this process, on its context, while the run's model is still there (dropped once recorded)
+        gates = sweep_gates.analyse_cell(ctx, run_path, main, every=gate_analysis, deadline=deadline)
+        if gates is None:
+            return None
+    record = _record(cell, cfg, main, phases, run_path.relative_to(out), began)
+    return record if gates is None else {**record, "gate_analysis": gates}
 
 
 def _record(cell: Cell, cfg, main: dict, phases: dict, run_dir: Path, began: float) -> dict:
