@@ -70,9 +70,10 @@ def _trace(scale):
 
 
 def test_report_of_hand_made_records(tmp_path):
-    records = [{"name": "mode-2x", "seed": 0, "gate_analysis": _report([0.2, 0.4], [0.5, 0.75], [0.1, 0.3], _trace(0.1))},
-               {"name": "mode-2x", "seed": 1, "gate_analysis": _report([0.4, 0.6], [0.25, 1.0], [0.3, 0.5], _trace(0.3))},
-               {"name": "full", "seed": 0}]
+    seed0 = _report([0.2, 0.4], [0.5, 0.75], [0.1, 0.3], _trace(0.1))
+    seed1 = _report([0.4, 0.6], [0.25, 1.0], [0.3, 0.5], _trace(0.3))
+    records = [{"name": "mode-2x", "seed": 0, "gate_analysis": seed0},
+               {"name": "mode-2x", "seed": 1, "gate_analysis": seed1}, {"name": "full", "seed": 0}]
     md = sweep_gates.write(tmp_path, records)
     rows = {r["domain"]: r for r in json.loads((tmp_path / "gates.json").read_text())}
     assert set(rows) == {"math", "english"} and rows["math"]["seeds"] == [0, 1]
@@ -96,6 +97,11 @@ def test_trace_past_the_deadline_waits(tmp_path):
     nothing written, the record waits for the next call."""
     got = sweep_gates.analyse_cell(None, tmp_path, {"train_seconds": 30.0}, every=10, deadline=time.time() + 5)
     assert got is None and not (tmp_path / sweep_gates.FILE).exists()
+    # An analysis saved with the same setting (a sweep killed before recording the run) is reused.
+    saved = _report([0.2, 0.4], [0.5, 0.75], [0.1, 0.3])
+    (tmp_path / sweep_gates.FILE).write_text(json.dumps({**saved, "trace_every": 10}))
+    assert sweep_gates.analyse_cell(None, tmp_path, {"train_seconds": 30.0}, every=10,
+                                    deadline=time.time() + 5) == {**saved, "trace_every": 10}
 
 
 def _ref_stats(run_dir, result):
@@ -123,8 +129,9 @@ def _ref_stats(run_dir, result):
             # tokens whose two largest (expert; any) weights tie within float32 may go either way
             experts, every = np.sort(p[:, 1:], axis=-1), np.sort(p, axis=-1)
             ties = float(np.mean(experts[:, -1] - experts[:, -2] < margin)) if p.shape[1] > 2 else 0.0
+            top_ties = float(np.mean(every[:, -1] - every[:, -2] < margin))
             stats.append((ent, None if own is None else float(np.mean(p[:, 1:].argmax(-1) + 1 == own)),
-                          float(np.mean(p.argmax(-1) == 0)), ties, float(np.mean(every[:, -1] - every[:, -2] < margin))))
+                          float(np.mean(p.argmax(-1) == 0)), ties, top_ties))
         out[d] = stats
         probe[d] = [np.asarray(p[:4], np.float64).mean((0, 1)) for p in probs]
     return out, probe

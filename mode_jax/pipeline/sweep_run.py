@@ -110,6 +110,7 @@ def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | 
     ctx.deadline, ctx.throttle = deadline, throttle
     targets = list(cfg.domains.targets)
     run_path = out / "cells" / cell.id / "run"
+    done_before = (run_path / "result.json").is_file()      # finished by an earlier call, not recorded
     phases = {}
     if cell.method == "expert" and len(targets) != 1:
         raise UserError(f"{cell.name} (seed {cell.seed}): method expert trains one expert; set "
@@ -149,7 +150,9 @@ def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | 
     gates = None
     if gate_analysis is not None and cell.method in sweep_gates.GATED:
         # in this process, on its context, while the run's model is still there (dropped once recorded)
-        gates = sweep_gates.analyse_cell(ctx, run_path, main, every=gate_analysis, deadline=deadline)
+        # a run an earlier call finished (its trace waited for this call) never waits again: progress
+        gates = sweep_gates.analyse_cell(ctx, run_path, main, every=gate_analysis,
+                                         deadline=None if done_before else deadline)
         if gates is None:
             return None
     record = _record(cell, cfg, main, phases, run_path.relative_to(out), began)
