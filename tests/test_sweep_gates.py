@@ -56,6 +56,19 @@ def test_option_leaves_run_ids_alone(tmp_path):
     assert plain.gate_analysis is None
 
 
+def test_a_cell_overrides_the_grids_gate_analysis(tmp_path, capsys):
+    """A cell's own gate_analysis (a trace for one cell, statistics for the rest) wins over the
+    grid's, reaches run_cell, and leaves the run ids alone; a bad one is refused."""
+    path = _grid(tmp_path, "gate_analysis = 0")
+    path.write_text(path.read_text().replace('method = "mode"\n', 'method = "mode"\ngate_analysis = 25\n'))
+    grid = sweep.load_grid(path)
+    assert {(c.name, c.gate_analysis) for c in grid.cells} == {("mode-2x", 25), ("full", 0)}
+    assert [c.id for c in grid.cells] == [c.id for c in sweep.load_grid(_grid(tmp_path, "", "plain.toml")).cells]
+    path.write_text(path.read_text().replace("gate_analysis = 25", "gate_analysis = -3"))
+    out = tmp_path / "out"
+    assert_refused(capsys, ["sweep", str(path), "--out", str(out)], out, "cell 1: gate_analysis must be an integer >= 0")
+
+
 def _report(entropy, own, top, trace=None):
     """One seed's gate analysis: 2 blocks, columns backbone/math/code, domains math, english."""
     return {"columns": ["backbone", "math", "code"], "trace": trace, "domains": {

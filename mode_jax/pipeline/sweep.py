@@ -8,6 +8,7 @@ A grid file (docs/sweep.md) names a base config, the seeds, and cells:
     baseline = "full"                  # the cell(s) the report compares the others with (paired)
     set = { "train.steps" = 2000 }     # overrides for every cell (optional)
     gate_analysis = 50                 # optional: MoDE runs' gate statistics (0), + stage-2 trace every N steps
+                                       # (a cell's own gate_analysis = N overrides it for that cell)
 
     [[sweep.cell]]
     method = "full"                    # backbone, expert, full, lora, uninit, mode, mode-frozen, lora-moe, ...
@@ -91,6 +92,8 @@ class Cell:
     seed: int
     settings: tuple                # ((key, value), ...) that vary within the grid cell, seed excluded
     cfg: presets.PipelineConfig
+    # its gate analysis (the cell's own `gate_analysis`, else sweep.gate_analysis's); not in the id
+    gate_analysis: int | None = dataclasses.field(default=None, compare=False)
 
     @property
     def id(self) -> str:
@@ -191,11 +194,12 @@ def load_grid(path: str | Path, overrides: list[str] = ()) -> Grid:
     specs = sweep.get("cell", [])
     if not isinstance(specs, list) or not specs:
         raise UserError(f"{where}: no [[sweep.cell]] (the grid has no runs)")
+    gates = _gate_analysis(sweep.get("gate_analysis"), f"{where}: sweep.gate_analysis")
     cells, seen, owner = [], {}, {}
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict):
             raise UserError(f"{where}: sweep.cell must be [[sweep.cell]] tables")
-        new = _expand(spec, f"{where} cell {i + 1}", base, common, seeds, seen)
+        new = _expand(spec, f"{where} cell {i + 1}", base, common, seeds, seen, gates)
         for name in {c.name for c in new}:
             # the report pools a name's runs over seeds: one name, one setting
             if owner.setdefault(name, i) != i:
@@ -209,17 +213,24 @@ def load_grid(path: str | Path, overrides: list[str] = ()) -> Grid:
     for base in [baseline] if isinstance(baseline, str) else baseline or []:
         if base not in names:
             raise UserError(f"{where}: sweep.baseline {base!r} is not a cell name (names: {', '.join(sorted(names))})")
-    gates = sweep.get("gate_analysis")
-    if gates is not None and (not isinstance(gates, int) or isinstance(gates, bool) or gates < 0):
-        raise UserError(f"{where}: sweep.gate_analysis must be an integer >= 0 (0: gate statistics only, "
-                        f"N: also the stage-2 trace every N steps), got {gates!r}")
     # Seed-major: every cell's seed 0, then seed 1, ...: a sweep stopped part-way (a time
     # limit, a lost machine) holds whole seeds of the grid to compare, not a few cells' seeds.
     return Grid(tuple(sorted(cells, key=lambda c: c.seed)), baseline, path, gates)
 
 
-def _expand(spec: dict, where: str, base: dict, common: dict, seeds: list, seen: dict) -> list[Cell]:
-    spec = _flatten(dict(spec), where)
+def _gate_analysis(value, where: str) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise UserError(f"{where} must be an integer >= 0 (0: gate statistics only, "
+                        f"N: also the stage-2 trace every N steps), got {value!r}")
+    return value
+
+
+def _expand(spec: dict, where: str, base: dict, common: dict, seeds: list, seen: dict,
+            gates: int | None = None) -> list[Cell]:
+    spec = dict(spec)
+    if "gate_analysis" in spec:         # the cell's own: a trace for some cells, statistics for the rest
+        gates = _gate_analysis(spec.pop("gate_analysis"), f"{where}: gate_analysis")
+    spec = _flatten(spec, where)
     method = spec.pop("method", None)
     if method not in METHODS:
         raise UserError(f"{where}: method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -258,7 +269,7 @@ def _expand(spec: dict, where: str, base: dict, common: dict, seeds: list, seen:
                 raise UserError(f"{where}: {err}") from None
             if method == "expert" and len(cfg.domains.targets) > 1:
                 raise UserError(f"{where}: method expert trains one expert: set domains.targets to one domain")
-            cell = Cell(label, method, seed, tuple((k, settings[k]) for k in varying), cfg)
+            cell = Cell(label, method, seed, tuple((k, settings[k]) for k in varying), cfg, gates)
             if cell.id in seen:
                 raise UserError(f"{where}: {label} (seed {seed}) is the same run as {seen[cell.id]}")
             seen[cell.id] = f"{label} (seed {seed})"

@@ -86,7 +86,7 @@ def run_grid(grid: Grid, out: Path, *, progress: bool = True, deadline: float | 
                 break
             bar.set_postfix_str(f"{cell.name} seed {cell.seed}", refresh=True)
             record = run_cell(cell, out, progress=progress, deadline=deadline, throttle=throttle,
-                              gate_analysis=grid.gate_analysis)
+                              gate_analysis=cell.gate_analysis)
             if record is None:
                 break
             append_result(out, record)
