@@ -7,8 +7,8 @@ respect to h and W (full FT: the tied head trains) and to h alone (LoRA, MoDE: t
 frozen, no dW), for N = batch x seq tokens, h [N, D] bfloat16, W [V, D] float32 (cast to
 bf16 once, as in the step). Median of --repeats samples of --inner back-to-back calls.
 Useful FLOPs are 2NVD per matmul: 3 for the chunked path with dW (logits, dh, dW), 2 without;
-the fused kernels do 5 and 3 (each backward kernel recomputes its logits), so their TFLOP/s
-below is counted on the useful 3 (2) matmuls, like the chunked path's. Before timing, the
+the fused kernels do 4 and 2 (the dW kernel recomputes its logits), and their TFLOP/s below
+is counted on the useful 3 (2) matmuls, like the chunked path's. Before timing, the
 kernels' loss and gradients are compared with the chunked path's (max error relative to the
 largest entry).
 

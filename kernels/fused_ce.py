@@ -11,34 +11,42 @@ For hidden states h [N, D] (compute dtype), the head W [V, D], targets t [N] and
 
 and, for a cotangent g [N] of the loss,
 
-    dl_{n,v} = g_n m_n (softmax(l_n)_v - [v == t_n])   (rounded to the compute dtype)
+    dl_{n,v} = g_n m_n (softmax(l_n)_v - [v == t_n])
     dh = dl W          dW = dl^T h                      (float32 accumulation)
+
+(matmul operands in the compute dtype: dl for dW, exp(l - max) for dh, see below).
 
 The logits are rounded to the compute dtype as in `fast/loss.py`'s chunked path (and
 `ref.train.next_token_metrics` on `lm_head`'s logits), so this is a drop-in for it.
 The mask gets no gradient, the correct flag none at all. `fused_ce_reference` is the
 definition in plain XLA, with the full logits.
 
-Three kernels; none writes a [N, V] array:
+Two kernels (three variants); none writes a [N, V] array:
   * forward, one program per tile of `block_t` tokens: a loop over vocab tiles of
     `block_v` keeps a running max, sum of exps (online logsumexp), target logit and
-    argmax per token; writes loss, correct and lse [N] (the backward's residual).
-  * dh, one program per `grad_rows` tokens: the same loop recomputes each logits
-    tile from lse, forms dl and accumulates dl @ W_tile into a [grad_rows, D] float32
-    tile held in registers for the whole loop (no read-modify-write of global memory,
-    which Triton would not order between the threads of a program).
-  * dW, one program per `grad_rows` vocab rows: a loop over token tiles of `block_t`
-    recomputes the transposed logits tile and accumulates dl^T @ h_tile.
-So the backward recomputes the logits twice: five [N, V, D] matmuls in all, against three
-for the chunked path, which writes and reads the [chunk, V] logits instead. Whether that
-trade wins is measured on the GPU (bench/gpu_fused_ce.py, bench/gpu_train.py --loss-kernel).
+    argmax per token; writes loss, correct and lse [N] (the dW kernel's residual).
+  * forward with dh (when h is differentiated), one program per `grad_rows` tokens: the
+    same loop also accumulates exp(l - running max) @ W_tile into a [grad_rows, D] float32
+    tile held in registers, rescaled as the max grows -- flash attention with W as keys
+    and values. As in fast/loss.py the gradient's direction needs no cotangent, so it is
+    computed while W streams by anyway: dh = g m (softmax(l) @ W - W_target), the
+    W_target rows gathered by XLA.
+  * dW (when W is differentiated, in the backward), one program per `grad_rows` vocab
+    rows: a loop over token tiles of `block_t` recomputes the transposed logits tile from
+    lse and accumulates dl^T @ h_tile in registers.
+Four [N, V, D] matmuls in all when the head trains (logits, softmax @ W, the recomputed
+logits, dW), two when it is frozen, against three and two for the chunked path, which
+writes and reads the [chunk, V] logits instead. Whether that trade wins is measured on
+the GPU (bench/gpu_fused_ce.py, bench/gpu_train.py --loss-kernel). Gradients are held in
+registers, never read-modify-written in global memory, which Triton would not order
+between the threads of a program.
 
 Every dot runs over `block_d` columns of D at a time: Triton blocks must be powers of two
 and D = 576 (SmolLM2-135M) = 9 * 64. The logits are a loop over those columns (one pair of
 operand buffers, pipelined by num_stages); the gradient tile is D / block_d [rows, block_d]
-accumulators, so its dots are unrolled. Tiles that hang over the
-end of N or V are loaded and stored under masks (Triton does not mask them itself);
-vocab columns past V get logit -inf. All dims of a dot are at least 16 (Triton's minimum).
+accumulators, so its dots are unrolled. Tiles that hang over the end of N or V are loaded
+and stored under masks (Triton does not mask them itself); vocab columns past V get logit
+-inf. All dims of a dot are at least 16 (Triton's minimum).
 
 TPU: not provided. Mosaic has no masked loads of dynamically offset tiles (the vocab
 loop's tail), wants blocks of (8, 128) multiples and its own K-loop pipelining; a TPU
@@ -66,7 +74,7 @@ class BlockSizes:
     """Tiling of the (tokens, vocab, width) space; num_warps/num_stages go to Triton.
 
     forward: programs of block_t tokens, streaming block_v vocab rows per step.
-    dh:      programs of grad_rows tokens, streaming block_v vocab rows per step.
+    with dh: programs of grad_rows tokens, streaming block_v vocab rows per step.
     dW:      programs of grad_rows vocab rows, streaming block_t tokens per step.
     Each dot contracts block_d columns of D.
     """
@@ -79,15 +87,16 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, *, width: int) -> BlockSizes:
-        """Chosen for no register spills, not yet timed (bench/gpu_fused_ce.py --sweep times them).
+        """Chosen for few register spills, not yet timed (bench/gpu_fused_ce.py --sweep times them).
 
         block_d: the widest power of two in [16, 64] dividing D (a 64-wide bf16 row is one
         128-byte line). grad_rows: the [grad_rows, D] float32 gradient tile lives in
         registers, so it shrinks as D grows: 32 up to D = 640, else 16 (Triton's smallest).
         Compiled offline for sm_90 by Triton 3.9 at N = 16384, V = 49152 (XLA bundles its
-        own Triton: a guide, not a guarantee), 8 warps, 2 stages: D = 576 forward 149
-        registers, dW 184, dh 255 plus 80 B of spills (16 rows: 136, none); D = 960 dh 180,
-        no spills; D = 2048 dh/dW 255 plus 40-48 B. 4 warps spilled hundreds of bytes.
+        own Triton: a guide, not a guarantee), 8 warps, 2 stages, registers (+ spills):
+        D = 576 forward 149, forward with dh 255 + 96 B (16 rows: + 56 B), dW 184; D = 960
+        forward with dh 255 + 40 B, dW 144; D = 2048 forward with dh 255 + 536 B, dW 255 +
+        48 B. 4 warps spilled hundreds of bytes, 16 warps (128 registers) more.
         """
         block_d = 64
         while block_d > MIN_DOT and width % block_d:
@@ -141,60 +150,50 @@ def _store_tiles(ref, tiles, ok, bd):
         plgpu.store(out, tile.astype(ref.dtype), mask=jnp.broadcast_to(ok[:, None], out.shape))
 
 
-def fused_ce_fwd_kernel(h_ref, w_ref, t_ref, m_ref, loss_ref, correct_ref, lse_ref, *,
+def fused_ce_fwd_kernel(h_ref, w_ref, t_ref, m_ref, loss_ref, correct_ref, lse_ref, *dh_ref,
                         tokens, vocab, bs, dtype, precision):
-    """One tile of block_t tokens: online logsumexp, target logit and argmax over V."""
-    (bt, width), bv = h_ref.shape, bs.block_v
+    """One tile of tokens: online logsumexp, target logit and argmax over V. With dh_ref also
+    m * softmax(l) @ W, accumulated as flash attention accumulates its output (W the keys
+    and the values): a running sum of exp(l - running max) @ W_tile, rescaled when the max grows."""
+    (bt, width), bv, bd = h_ref.shape, bs.block_v, bs.block_d
     _, row_ok = _span(pl.program_id(0) * bt, bt, tokens)
     mine = pl.ds(0, bt)                                                         # the program's h tile
     target = _load_vec(t_ref, row_ok)                                           # [bt]
 
     def step(j, carry):
-        top, total, target_logit, best, arg = carry                             # [bt] each
+        top, total, target_logit, best, arg, acc = carry                        # [bt] each; acc [bt, bd] each
         cols, col_ok = _span(j * bv, bv, vocab)
-        lt = _tile_logits(h_ref, mine, row_ok, w_ref, pl.ds(j * bv, bv), col_ok, width=width,
-                          bd=bs.block_d, dtype=dtype, precision=precision)      # [bt, bv]
+        vocab_rows = pl.ds(j * bv, bv)
+        lt = _tile_logits(h_ref, mine, row_ok, w_ref, vocab_rows, col_ok, width=width,
+                          bd=bd, dtype=dtype, precision=precision)              # [bt, bv]
         lt = jnp.where(col_ok[None, :], lt, -jnp.inf)
         tile_max = jnp.max(lt, axis=1)
         new_top = jnp.maximum(top, tile_max)        # finite from the first tile on
-        total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(lt - new_top[:, None]), axis=1)
+        rescale = jnp.exp(top - new_top)                                        # [bt], 0 on the first tile
+        exps = jnp.exp(lt - new_top[:, None])                                   # [bt, bv], 0 past V
+        total = total * rescale + jnp.sum(exps, axis=1)
+        if dh_ref:
+            exps = exps.astype(dtype)               # in [0, 1]: as the chunked path's rounded dlogits
+            acc = tuple(a * rescale[:, None] + _dot(exps, _load(w_ref, vocab_rows, pl.ds(k * bd, bd), col_ok),
+                                                    precision=precision) for k, a in enumerate(acc))
         target_logit += jnp.sum(jnp.where(cols[None, :] == target[:, None], lt, 0.0), axis=1)
         tile_arg = jnp.min(jnp.where(lt == tile_max[:, None], cols[None, :], vocab), axis=1)
         better = tile_max > best                     # strict: an earlier tile wins a tie
-        return new_top, total, target_logit, jnp.where(better, tile_max, best), jnp.where(better, tile_arg, arg)
+        return (new_top, total, target_logit, jnp.where(better, tile_max, best),
+                jnp.where(better, tile_arg, arg), acc)
 
     neg = jnp.full((bt,), -jnp.inf, F32)
     zero = jnp.zeros((bt,), F32)
-    top, total, target_logit, _, arg = lax.fori_loop(
-        0, pl.cdiv(vocab, bv), step, (neg, zero, zero, neg, jnp.zeros((bt,), jnp.int32)))
+    acc = tuple(jnp.zeros((bt, bd), F32) for _ in range(width // bd)) if dh_ref else ()
+    top, total, target_logit, _, arg, acc = lax.fori_loop(
+        0, pl.cdiv(vocab, bv), step, (neg, zero, zero, neg, jnp.zeros((bt,), jnp.int32), acc))
     lse = top + jnp.log(total)
     weight = _load_vec(m_ref, row_ok)
     plgpu.store(loss_ref, (lse - target_logit) * weight, mask=row_ok)
     plgpu.store(correct_ref, jnp.where(arg == target, weight, 0.0), mask=row_ok)
     plgpu.store(lse_ref, lse, mask=row_ok)
-
-
-def fused_ce_dh_kernel(h_ref, w_ref, t_ref, s_ref, lse_ref, dh_ref, *, tokens, vocab, bs, dtype, precision):
-    """dh for grad_rows tokens: sum over vocab tiles of dl_tile @ W_tile."""
-    (br, width), bv, bd = h_ref.shape, bs.block_v, bs.block_d
-    _, row_ok = _span(pl.program_id(0) * br, br, tokens)
-    mine = pl.ds(0, br)
-    target, scale, lse = (_load_vec(r, row_ok) for r in (t_ref, s_ref, lse_ref))   # [br] each
-
-    def step(j, acc):
-        cols, col_ok = _span(j * bv, bv, vocab)
-        vocab_rows = pl.ds(j * bv, bv)
-        lt = _tile_logits(h_ref, mine, row_ok, w_ref, vocab_rows, col_ok, width=width, bd=bd,
-                          dtype=dtype, precision=precision)                     # [br, bv]
-        onehot = (cols[None, :] == target[:, None]).astype(F32)
-        # Columns past V meet W rows loaded as 0 below: their dl needs no mask.
-        dl = ((jnp.exp(lt - lse[:, None]) - onehot) * scale[:, None]).astype(dtype)   # [br, bv]
-        return tuple(a + _dot(dl, _load(w_ref, vocab_rows, pl.ds(k * bd, bd), col_ok), precision=precision)
-                     for k, a in enumerate(acc))                                # [br, bd] each
-
-    acc = lax.fori_loop(0, pl.cdiv(vocab, bv), step,
-                        tuple(jnp.zeros((br, bd), F32) for _ in range(width // bd)))
-    _store_tiles(dh_ref, acc, row_ok, bd)
+    if dh_ref:
+        _store_tiles(dh_ref[0], [a * (weight / total)[:, None] for a in acc], row_ok, bd)
 
 
 def fused_ce_dw_kernel(w_ref, h_ref, t_ref, s_ref, lse_ref, dw_ref, *, tokens, vocab, bs, dtype, precision):
@@ -245,21 +244,18 @@ def _call(kernel, name, h, wc, bs, interpret, *, rows, block, **specs):
         **specs)
 
 
-def _forward_call(h, wc, targets, mask, bs, interpret):
-    """-> loss, correct, lse, each [N] float32."""
-    bt, vec = bs.block_t, jax.ShapeDtypeStruct(targets.shape, F32)
-    return _call(fused_ce_fwd_kernel, "fused_ce_fwd", h, wc, bs, interpret, rows=h.shape[0], block=bt,
+def _forward_call(h, wc, targets, mask, bs, interpret, *, with_dh=False):
+    """-> loss, correct, lse, each [N] float32 (+ mask * softmax @ W [N, D] float32 with_dh).
+    Tiles of block_t tokens, or of grad_rows with the [rows, D] accumulator of dh."""
+    bt, vec = (bs.grad_rows if with_dh else bs.block_t), jax.ShapeDtypeStruct(targets.shape, F32)
+    out_shape, out_specs = (vec,) * 3, (_rows(bt, vec.shape),) * 3
+    if with_dh:
+        out_shape += (jax.ShapeDtypeStruct(h.shape, F32),)
+        out_specs += (_rows(bt, h.shape),)
+    return _call(fused_ce_fwd_kernel, "fused_ce_fwd_dh" if with_dh else "fused_ce_fwd", h, wc, bs, interpret,
+                 rows=h.shape[0], block=bt, out_shape=out_shape, out_specs=out_specs,
                  in_specs=[_rows(bt, h.shape), _whole(wc.shape), _rows(bt, vec.shape), _rows(bt, vec.shape)],
-                 out_shape=(vec,) * 3, out_specs=(_rows(bt, vec.shape),) * 3)(h, wc, targets, mask)
-
-
-def _dh_call(h, wc, targets, scale, lse, bs, interpret):
-    """-> dh [N, D] in h's dtype: programs own token rows, W and the vocab are streamed."""
-    br = bs.grad_rows
-    return _call(fused_ce_dh_kernel, "fused_ce_dh", h, wc, bs, interpret, rows=h.shape[0], block=br,
-                 in_specs=[_rows(br, h.shape), _whole(wc.shape)] + [_rows(br, targets.shape)] * 3,
-                 out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype),
-                 out_specs=_rows(br, h.shape))(h, wc, targets, scale, lse)
+                 )(h, wc, targets, mask)
 
 
 def _dw_call(h, wc, targets, scale, lse, bs, interpret):
@@ -289,20 +285,22 @@ def _make_fused_ce(bs: BlockSizes, interpret):
         want_dh, want_dw = h.perturbed, w.perturbed
         h, w, targets, mask = h.value, w.value, targets.value, mask.value
         wc = w.astype(h.dtype)
-        loss, correct, lse = _forward_call(h, wc, targets, mask, bs, interpret)
-        # Dtype markers, empty arrays (residuals must be arrays); None = gradient not wanted.
-        dh_as = jnp.zeros((0,), h.dtype) if want_dh else None
-        dw_as = jnp.zeros((0,), w.dtype) if want_dw else None
-        return (loss, correct), (h, wc, targets, mask, lse, dh_as, dw_as)
+        loss, correct, lse, *soft = _forward_call(h, wc, targets, mask, bs, interpret, with_dh=want_dh)
+        # As fast/loss.py: dh's direction needs no cotangent, so the forward computes it while
+        # it streams W anyway: m (softmax @ W - W_target) [N, D] float32, scaled by g below.
+        dh = soft[0] - mask[:, None] * jnp.take(wc, targets, axis=0).astype(F32) if want_dh else None
+        dh_as = jnp.zeros((0,), h.dtype)             # dtype marker (residuals must be arrays)
+        dw_as = jnp.zeros((0,), w.dtype) if want_dw else None     # None: no dW wanted
+        return (loss, correct), (h, wc, targets, mask, lse, dh, dh_as, dw_as)
 
     def bwd(res, cts):
-        h, wc, targets, mask, lse, dh_as, dw_as = res
+        h, wc, targets, mask, lse, dh, dh_as, dw_as = res
         g = cts[0]
         if isinstance(g, SymbolicZero):
             return None, None, None, None
-        scale = g.astype(F32) * mask                                          # [N]
-        dh = None if dh_as is None else _dh_call(h, wc, targets, scale, lse, bs, interpret)
-        dw = None if dw_as is None else _dw_call(h, wc, targets, scale, lse, bs, interpret).astype(dw_as.dtype)
+        g = g.astype(F32)                                                      # [N]
+        dh = None if dh is None else (g[:, None] * dh).astype(dh_as.dtype)
+        dw = None if dw_as is None else _dw_call(h, wc, targets, g * mask, lse, bs, interpret).astype(dw_as.dtype)
         return dh, dw, None, None
 
     fused.defvjp(fwd, bwd, symbolic_zeros=True)

@@ -149,6 +149,20 @@ def test_argmax_tie_goes_to_the_first_index():
     assert_close(loss[:2], want_loss[:2])
 
 
+def test_one_gradient_at_a_time():
+    # A frozen head (h only: the forward computes dh, no dW kernel) and frozen inputs (W only:
+    # the plain forward, then dW) give what both at once give, against float64.
+    h, w, targets, mask, g = _inputs(9, 64, 300, 32, jnp.bfloat16)
+    _, _, want_dh, want_dw, _ = _numpy_reference(h, w, targets, mask, g)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def one(argnum, h, w):
+        f = lambda *hw: fused_ce(*hw, targets, mask, block_sizes=SMALL, interpret=True)[0]
+        return jax.vjp(lambda x: f(*((x, w) if argnum == 0 else (h, x))), (h, w)[argnum])[1](g)[0]
+    assert_close_to_max(one(0, h, w), want_dh, table=FUSED_CE_VS_FLOAT64, err_msg="dh")
+    assert_close_to_max(one(1, h, w), want_dw, dtype=jnp.bfloat16, table=FUSED_CE_VS_FLOAT64, err_msg="dw")
+
+
 def test_masked_tokens_contribute_nothing():
     # Masked tokens with other hidden states and targets: no loss, no hit, no dh, the same dW.
     h, w, targets, mask, g = _inputs(7, 77, 517, 48, jnp.float32)
@@ -224,7 +238,8 @@ def test_triton_kernels_lower_for_cuda(tokens, vocab, width):
         return loss, vjp((loss, jnp.zeros_like(loss)))
     text = _lower_cuda(fwd_bwd, ((tokens, width), jnp.bfloat16), ((vocab, width), jnp.float32),
                        ((tokens,), jnp.int32), ((tokens,), jnp.float32))
-    assert text.count("xla.gpu.triton") == 3          # forward, dh, dW
+    assert text.count("xla.gpu.triton") == 2          # forward with dh, dW
+    assert "fused_ce_fwd_dh" in text and "fused_ce_dw" in text
 
 
 def test_fast_loss_dispatches_on_cuda_only_and_skips_a_frozen_head():
@@ -234,8 +249,12 @@ def test_fast_loss_dispatches_on_cuda_only_and_skips_a_frozen_head():
     def grad(argnums, kernel="pallas"):
         return lambda h, w, t, m: jax.grad(
             lambda h, w: next_token_metrics(h, w, t, m, kernel=kernel)["loss"], argnums=argnums)(h, w)
-    assert _lower_cuda(grad((0, 1)), *shapes).count("xla.gpu.triton") == 3
-    assert _lower_cuda(grad(0), *shapes).count("xla.gpu.triton") == 2        # no dW kernel
+    both = _lower_cuda(grad((0, 1)), *shapes)
+    assert both.count("xla.gpu.triton") == 2 and "fused_ce_dw" in both
+    h_only = _lower_cuda(grad(0), *shapes)
+    assert h_only.count("xla.gpu.triton") == 1 and "fused_ce_dw" not in h_only    # no dW kernel
+    loss_only = _lower_cuda(lambda h, w, t, m: next_token_metrics(h, w, t, m, kernel="pallas")["loss"], *shapes)
+    assert loss_only.count("xla.gpu.triton") == 1 and "fused_ce_fwd_dh" not in loss_only   # eval: no dh
     assert "xla.gpu.triton" not in _lower_cuda(grad((0, 1), "xla"), *shapes)
     cpu = jax.jit(grad((0, 1))).trace(*[jax.ShapeDtypeStruct(s, d) for s, d in shapes])
     assert "custom_call" not in cpu.lower(lowering_platforms=("cpu",)).as_text()
