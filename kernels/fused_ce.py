@@ -79,7 +79,7 @@ class BlockSizes:
     Each dot contracts block_d columns of D.
     """
     block_t: int = 64
-    block_v: int = 128
+    block_v: int = 64
     grad_rows: int = 32
     block_d: int = 64
     num_warps: int = 8
@@ -92,11 +92,12 @@ class BlockSizes:
         block_d: the widest power of two in [16, 64] dividing D (a 64-wide bf16 row is one
         128-byte line). grad_rows: the [grad_rows, D] float32 gradient tile lives in
         registers, so it shrinks as D grows: 32 up to D = 640, else 16 (Triton's smallest).
+        block_v 64: a narrower exp tile and W tile left the gradient accumulators more room.
         Compiled offline for sm_90 by Triton 3.9 at N = 16384, V = 49152 (XLA bundles its
         own Triton: a guide, not a guarantee), 8 warps, 2 stages, registers (+ spills):
-        D = 576 forward 149, forward with dh 255 + 96 B (16 rows: + 56 B), dW 184; D = 960
-        forward with dh 255 + 40 B, dW 144; D = 2048 forward with dh 255 + 536 B, dW 255 +
-        48 B. 4 warps spilled hundreds of bytes, 16 warps (128 registers) more.
+        D = 576 forward 80, forward with dh 255 + 24 B (block_v 128: + 96 B), dW 184; D = 960
+        forward with dh 176, dW 144; D = 2048 forward with dh 255 + 96 B (block_v 128: + 536
+        B), dW 255 + 48 B. 4 warps spilled hundreds of bytes, 16 warps (128 registers) more.
         """
         block_d = 64
         while block_d > MIN_DOT and width % block_d:
