@@ -38,7 +38,8 @@ class FastConfig:
     # fused Triton kernels of kernels/fused_ce.py on a CUDA GPU (no [tokens, V] logits at all;
     # not yet measured against 'xla', hence not the default), the chunked path on other
     # platforms. 'pallas_interpret': those kernels in the Pallas interpreter on any platform
-    # (CPU tests of the integration; slow).
+    # (CPU tests of the integration; slow). The kernels have no sharding rule: meant for the
+    # single-device step (not tried under a mesh, where XLA would have to gather their inputs).
     loss_kernel: str = "xla"
     # How a stack of layers is looped over. 'scan': one lax.scan (one compiled layer body;
     # each iteration copies its layer's weights and saved activations out of the stacked
