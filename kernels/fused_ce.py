@@ -289,19 +289,25 @@ def _make_fused_ce(bs: BlockSizes, interpret):
         loss, correct, lse, *soft = _forward_call(h, wc, targets, mask, bs, interpret, with_dh=want_dh)
         # As fast/loss.py: dh's direction needs no cotangent, so the forward computes it while
         # it streams W anyway: m (softmax @ W - W_target) [N, D] float32, scaled by g below.
-        dh = soft[0] - mask[:, None] * jnp.take(wc, targets, axis=0).astype(F32) if want_dh else None
+        dh = None
+        if want_dh:   # (clip: an out-of-range id of a masked token must not bring NaN)
+            dh = soft[0] - mask[:, None] * jnp.take(wc, targets, axis=0, mode="clip").astype(F32)   # [N, D]
         dh_as = jnp.zeros((0,), h.dtype)             # dtype marker (residuals must be arrays)
-        dw_as = jnp.zeros((0,), w.dtype) if want_dw else None     # None: no dW wanted
-        return (loss, correct), (h, wc, targets, mask, lse, dh, dh_as, dw_as)
+        # The dW kernel's inputs are kept only if it will run (a frozen head: not the bf16 W).
+        for_dw = (h, wc, targets, mask, lse, jnp.zeros((0,), w.dtype)) if want_dw else None
+        return (loss, correct), (dh, dh_as, for_dw)
 
     def bwd(res, cts):
-        h, wc, targets, mask, lse, dh, dh_as, dw_as = res
+        dh, dh_as, for_dw = res
         g = cts[0]
         if isinstance(g, SymbolicZero):
             return None, None, None, None
         g = g.astype(F32)                                                      # [N]
         dh = None if dh is None else (g[:, None] * dh).astype(dh_as.dtype)
-        dw = None if dw_as is None else _dw_call(h, wc, targets, g * mask, lse, bs, interpret).astype(dw_as.dtype)
+        dw = None
+        if for_dw is not None:
+            h, wc, targets, mask, lse, dw_as = for_dw
+            dw = _dw_call(h, wc, targets, g * mask, lse, bs, interpret).astype(dw_as.dtype)
         return dh, dw, None, None
 
     fused.defvjp(fwd, bwd, symbolic_zeros=True)
