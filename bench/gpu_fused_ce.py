@@ -5,7 +5,8 @@ sweep of the kernels' tiles.
 Timed: `jax.value_and_grad` of fast.loss.next_token_metrics(h, W, targets)["loss"] with
 respect to h and W (full FT: the tied head trains) and to h alone (LoRA, MoDE: the head is
 frozen, no dW), for N = batch x seq tokens, h [N, D] bfloat16, W [V, D] float32 (cast to
-bf16 once, as in the step). Median of --repeats samples of --inner back-to-back calls.
+bf16 once, as in the step). Median of --repeats samples of --inner back-to-back calls; "temp" is XLA's scratch memory
+for the call (the chunked path's [chunk, V] logits and their gradient live there).
 Useful FLOPs are 2NVD per matmul: 3 for the chunked path with dW (logits, dh, dW), 2 without;
 the fused kernels do 4 and 2 (the dW kernel recomputes its logits), and their TFLOP/s below
 is counted on the useful 3 (2) matmuls, like the chunked path's. Before timing, the
@@ -93,7 +94,7 @@ def max_rel(got, want) -> float:
 
 
 def report(name, seconds, useful_flops):
-    print(f"{name:52s} {1e3 * seconds:9.3f} ms  {useful_flops / seconds / 1e12:7.1f} TFLOP/s (useful)", flush=True)
+    print(f"{name:64s} {1e3 * seconds:9.3f} ms  {useful_flops / seconds / 1e12:7.1f} TFLOP/s (useful)", flush=True)
 
 
 def main(argv=None) -> int:
@@ -112,7 +113,10 @@ def main(argv=None) -> int:
         if not np.isfinite(err) or err > 5e-2:
             raise SystemExit(f"fused kernels disagree with the chunked path ({case}): {err}")
         for name, fn in ((f"chunked XLA (loss_chunk {args.loss_chunk})", chunked), (f"fused {args.kernel}", fused)):
-            report(f"{name}, fwd+bwd", median_seconds(fn, (h, w, targets), **timing), useful * matmul)
+            memory = fn.lower(h, w, targets).compile().memory_analysis()
+            temp = getattr(memory, "temp_size_in_bytes", float("nan")) / 2**20 if memory is not None else float("nan")
+            report(f"{name}, fwd+bwd, temp {temp:,.0f} MiB", median_seconds(fn, (h, w, targets), **timing),
+                   useful * matmul)
     if args.sweep:
         print("-- sweep (fused_ce forward + backward, head trains): one field at a time", flush=True)
         best_bs = BlockSizes.get_default(width=args.width)
