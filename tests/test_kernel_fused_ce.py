@@ -3,8 +3,9 @@
 The Triton kernel bodies run in the generic Pallas interpreter (`interpret=True`: the
 same bodies, masks and loops as on the GPU) against a float64 NumPy reference written
 here and against fast/loss.py's chunked path; the CUDA lowering (Triton's power-of-two
-and dot-size rules included) is checked on CPU without a GPU. Shapes come from small
-sets so jit caches are reused; V and N are never multiples of the tiles.
+and dot-size rules included) is checked on CPU without a GPU, at SmolLM2's widths. The
+interpreted shapes come from small sets so jit caches are reused, and their V and N are
+never multiples of the tiles.
 """
 
 from __future__ import annotations
