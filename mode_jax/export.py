@@ -100,7 +100,7 @@ def load_run(run_dir: str | os.PathLike, *, progress: bool = False) -> LoadedRun
     ctx = stages.prepare(cfg, progress=progress)
     params, method, label = _load_run(run, ctx)
     lora = stages.lora_config(cfg) if method in ("lora", "lora_moe", "lora_moe_frozen") else None
-    top_k = (cfg.mode.gate_top_k or None) if method in stages.TOP_K_METHODS else None
+    top_k = stages.gate_top_k(cfg, method)
     return LoadedRun(params=params, config=ctx.llama, method=method, lora=lora, label=label,
                      backbone=ctx.backbone, source=cfg.model.source, gate_top_k=top_k)
 

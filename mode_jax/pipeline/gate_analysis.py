@@ -102,7 +102,7 @@ def trace(ctx, params: dict, method: str, domains, *, every: int, rows_per_domai
     steps = stages.make_steps(ctx, method, opt=stages.optim(cfg, cfg.lr.mode, cfg.train.steps), params_like=params,
                               parallel=False)
     fast = FastConfig(compute_dtype=cfg.model.compute_dtype)
-    top_k = (cfg.mode.gate_top_k or None) if method in stages.TOP_K_METHODS else None
+    top_k = stages.gate_top_k(cfg, method)
     probe = {d: rows[:rows_per_domain] for d, rows in ctx.eval_sets.items()}
     sampler = stages._sampler(ctx, tuple(domains), cfg.train.batch_size, cfg.data.train_examples)
     backend = steps.to_backend(params)
@@ -209,7 +209,7 @@ def analyse_run(ctx, run_dir: Path, result: dict, *, trace_every: int = 0) -> di
     if "blocks" not in params:
         raise UserError(f"{run_dir} holds a {method} model: the gate analysis needs a MoDE run")
     columns = result.get("routing_columns") or ["backbone", *result["domains_trained"]]
-    top_k = (cfg.mode.gate_top_k or None) if method in stages.TOP_K_METHODS else None
+    top_k = stages.gate_top_k(cfg, method)
     fast = FastConfig(compute_dtype=cfg.model.compute_dtype)
     params = jax.tree.map(jnp.asarray, params)
     report = {"method": method, "columns": columns, "gate_top_k": top_k, "trace_every": trace_every,

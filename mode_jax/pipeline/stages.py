@@ -116,6 +116,11 @@ def _sampler(ctx: Context, domains, batch_size: int, examples: int = 0) -> Mixtu
 TOP_K_METHODS = ("stage2", "stage2_frozen", "uninit")
 
 
+def gate_top_k(cfg, method: str) -> int | None:
+    """The top-k of `method`'s gate under `cfg` (None: dense, as every other method is)."""
+    return (cfg.mode.gate_top_k or None) if method in TOP_K_METHODS else None
+
+
 def make_steps(ctx: Context, method: str, *, opt: OptimConfig, lora: LoraConfig | None = None,
                params_like: dict | None = None, parallel: bool = True) -> Steps:
     """The steps of `method` as the config and `--mesh` / `--placement` (unless not `parallel`)
@@ -129,7 +134,7 @@ def make_steps(ctx: Context, method: str, *, opt: OptimConfig, lora: LoraConfig 
                                      expert_layers=cfg.mode.expert_layers, parallelism=parallelism,
                                      params_like=params_like, batch_size=cfg.train.batch_size,
                                      seq_len=cfg.data.seq_len,
-                                     gate_top_k=(cfg.mode.gate_top_k or None) if method in TOP_K_METHODS else None)
+                                     gate_top_k=gate_top_k(cfg, method))
     except ValueError as err:
         if parallelism is None:
             raise

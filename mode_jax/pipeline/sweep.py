@@ -33,9 +33,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import shutil
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +60,11 @@ LATER_DEFAULTS = {"data.eval_split": "test", "data.train_examples": 0, "data.sta
 UNREAD = {"data.train_examples": ("backbone", "expert"), "data.stage1_examples": ("backbone", "full", "lora", "uninit")}
 UNREAD_HINT = {"data.train_examples": "it limits the mixture phases; a stage-1 expert's rows are data.stage1_examples",
                "data.stage1_examples": "it limits stage-1 experts; the mixture's rows are data.train_examples"}
-# Top-k gating is read where N MoDE experts are mixed; mode.n_experts only by uninit (the capacity control).
-UNREAD["mode.gate_top_k"] = tuple(m for m in METHODS if m not in ("mode", "mode-frozen", "uninit"))
+# The methods whose model has a MoDE gate: top-k gating is read where N experts are mixed, and a
+# sweep's gate analysis (sweep_gates.py) looks at them; mode.n_experts only uninit reads (the
+# capacity control).
+GATED = ("mode", "mode-frozen", "uninit")
+UNREAD["mode.gate_top_k"] = tuple(m for m in METHODS if m not in GATED)
 UNREAD["mode.n_experts"] = tuple(m for m in METHODS if m != "uninit")
 UNREAD_HINT["mode.gate_top_k"] = "it is MoDE's top-k gate in stage 2 (mode, mode-frozen) and uninit"
 UNREAD_HINT["mode.n_experts"] = "it sets uninit's expert count; mode composes one stage-1 expert per domain"
@@ -155,6 +155,12 @@ def _merge(base: dict, overrides: dict[str, Any]) -> dict:
         section, name = key.split(".")
         data.setdefault(section, {})[name] = value
     return data
+
+
+def setting_label(key: str, value) -> str:
+    """How a cell's name shows one axis value: "lr=0.001" for the method's lr key, else the
+    key's own name ("train_examples=160")."""
+    return f"{'lr' if key.startswith('lr.') else key.split('.')[1]}={_fmt(value)}"
 
 
 def _fmt(value) -> str:
@@ -258,9 +264,7 @@ def _expand(spec: dict, where: str, base: dict, common: dict, seeds: list, seen:
         settings = dict(zip([k for k, _ in axes], combo))
         label = name or method
         if varying:
-            # "lr=0.001" for the method's lr key, else the key's own name ("steps=400")
-            label += " " + " ".join(f"{'lr' if k.startswith('lr.') else k.split('.')[1]}={_fmt(settings[k])}"
-                                    for k in varying)
+            label += " " + " ".join(setting_label(k, settings[k]) for k in varying)
         for seed in seeds:
             data = _merge(base, {**common, **settings, "train.seed": seed})
             try:

@@ -32,7 +32,7 @@ import numpy as np
 
 from mode_jax.atomic import atomic_path, write_text_atomic
 from mode_jax.errors import UserError
-from mode_jax.pipeline.sweep import _fmt
+from mode_jax.pipeline.sweep import _fmt, setting_label
 from mode_jax.pipeline.sweep_report import _label
 
 PARAMS = "params"
@@ -48,15 +48,9 @@ def parse_keys(text: str) -> list[str]:
     return keys
 
 
-def _token(key: str, value) -> str:
-    # How pipeline/sweep.py (_expand) names an axis value in a cell's name: "lr=0.001" for the
-    # method's lr key, else the key's own name ("train_examples=160").
-    return f"{'lr' if key.startswith('lr.') else key.split('.')[1]}={_fmt(value)}"
-
-
 def _without(name: str, settings: dict) -> str:
     for key, value in settings.items():
-        token = " " + _token(key, value)
+        token = " " + setting_label(key, value)
         at = name.rfind(token)
         if at >= 0:
             name = name[:at] + name[at + len(token):]

@@ -26,8 +26,6 @@ import numpy as np
 from mode_jax.atomic import atomic_path, write_text_atomic
 from mode_jax.integrity import strict_json
 
-# The sweep methods whose model has a MoDE gate (pipeline/sweep.py's names; top-k cells included).
-GATED = ("mode", "mode-frozen", "uninit")
 FILE = "gate_analysis.json"
 STATS = (("entropy", "Routing entropy (nats; 0: one stack takes every token, ln(N + 1): uniform)"),
          ("own_top_share", "Share of tokens whose largest expert weight (backbone left out) is the domain's own "

@@ -28,7 +28,7 @@ from pathlib import Path
 from mode_jax.atomic import write_text_atomic
 from mode_jax.errors import UserError
 from mode_jax.pipeline import presets
-from mode_jax.pipeline.sweep import Cell, Grid, append_result, identity, read_results
+from mode_jax.pipeline.sweep import GATED, Cell, Grid, append_result, identity, read_results
 
 
 def expert_config(cfg: presets.PipelineConfig) -> presets.PipelineConfig:
@@ -85,8 +85,7 @@ def run_grid(grid: Grid, out: Path, *, progress: bool = True, deadline: float | 
             if deadline is not None and time.time() > deadline:
                 break
             bar.set_postfix_str(f"{cell.name} seed {cell.seed}", refresh=True)
-            record = run_cell(cell, out, progress=progress, deadline=deadline, throttle=throttle,
-                              gate_analysis=cell.gate_analysis)
+            record = run_cell(cell, out, progress=progress, deadline=deadline, throttle=throttle)
             if record is None:
                 break
             append_result(out, record)
@@ -99,9 +98,9 @@ def run_grid(grid: Grid, out: Path, *, progress: bool = True, deadline: float | 
 
 
 def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | None = None,
-             throttle: float = 0.0, gate_analysis: int | None = None) -> dict | None:
+             throttle: float = 0.0) -> dict | None:
     """Train and evaluate one run; its record for results.jsonl, or None if the deadline stopped it.
-    `gate_analysis` (sweep.gate_analysis, not None): a gated run's gate analysis goes in its record."""
+    With cell.gate_analysis (not None), a gated run's gate analysis goes in its record."""
     from mode_jax.pipeline import expert_io, sources, stages
 
     cfg = sources.resolve_domains(cell.cfg)      # empty domains.targets: the data's domains
@@ -148,10 +147,10 @@ def run_cell(cell: Cell, out: Path, *, progress: bool = True, deadline: float | 
         return None
     from mode_jax.pipeline import sweep_gates
     gates = None
-    if gate_analysis is not None and cell.method in sweep_gates.GATED:
+    if cell.gate_analysis is not None and cell.method in GATED:
         # in this process, on its context, while the run's model is still there (dropped once recorded)
         # a run an earlier call finished (its trace waited for this call) never waits again: progress
-        gates = sweep_gates.analyse_cell(ctx, run_path, main, every=gate_analysis,
+        gates = sweep_gates.analyse_cell(ctx, run_path, main, every=cell.gate_analysis,
                                          deadline=None if done_before else deadline)
         if gates is None:
             return None
