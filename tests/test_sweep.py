@@ -4,6 +4,7 @@ skips the finished runs, and the report checked against the recorded counts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from mode_jax.cli import main
-from mode_jax.pipeline import checkpoint, presets, sweep
+from mode_jax.pipeline import checkpoint, presets, sweep, sweep_report
 from tests.helpers import assert_refused
 from tests.tolerances import APPROX_FLOAT64
 
@@ -96,6 +97,28 @@ def test_grid_expansion(tmp_path):
     assert [c.cfg.train.warmup_steps for c in moved.cells] == [2, 2, 3, 2, 2, 3]
     assert moved.cells[0].cfg.train.steps == 7 and moved.cells[0].id != ids[0]
     assert [c.id for c in sweep.load_grid(path, ['data.dir="/elsewhere"']).cells] == ids
+    # how often a run checkpoints and logs is not what it computes: same runs
+    assert [c.id for c in sweep.load_grid(path, ["train.checkpoint_every=0", "train.log_every=5"]).cells] == ids
+
+
+def test_run_recorded_under_an_older_identity_still_counts(tmp_path):
+    """A record stored under the id of an older identity (checkpoint_every and log_every were in
+    it) answers to today's id through its stored config: resumed sweeps skip it, reports find it."""
+    grid = sweep.load_grid(_grid(tmp_path, TWO_CELLS))
+    cell = grid.cells[0]
+    config = cell.cfg.to_dict()
+    old = {**config, "data": {k: v for k, v in config["data"].items() if k != "dir"}}
+    for key, default in sweep.LATER_DEFAULTS.items():          # as the old identity dropped them
+        section, name = key.split(".")
+        if old.get(section, {}).get(name) == default:
+            old[section] = {k: v for k, v in old[section].items() if k != name}
+    old = {k: v for k, v in old.items() if v != {}}
+    old_id = hashlib.sha256(json.dumps({"method": cell.method, "config": old}, sort_keys=True).encode()).hexdigest()[:16]
+    assert old_id != cell.id                    # the old identity hashed the checkpoint cadence
+    record = {"cell": old_id, "method": cell.method, "config": config, "seed": cell.seed}
+    assert sweep.recorded_ids(record) == {old_id, cell.id}
+    assert [r["name"] for r in sweep_report.for_grid([record], grid)] == [cell.name]
+    assert sweep.recorded_ids({"cell": "x", "method": cell.method}) == {"x"}     # no config: its stored id
 
 
 def _env(tmp_path):

@@ -53,6 +53,9 @@ RESULTS = "results.jsonl"
 LATER_DEFAULTS = {"data.eval_split": "test", "data.train_examples": 0, "data.stage1_examples": 0,
                   "mode.uninit_experts": "random", "mode.gate_top_k": 0, "mode.n_experts": 0,
                   "lr.expansion": 1e-3, "expansion.every": 5}
+# Keys that say how a run is watched, not what it computes (batches and random draws are
+# step-indexed and a resumed run continues exactly): never part of a run's identity.
+NOT_RESULTS = ("train.checkpoint_every", "train.log_every")
 
 
 # A cell key its method never reads is refused rather than silently ignored (sweep.set may
@@ -72,17 +75,39 @@ UNREAD_HINT["mode.n_experts"] = "it sets uninit's expert count; mode composes on
 
 def identity(cfg: presets.PipelineConfig) -> dict:
     """The config as a run's identity sees it: without data.dir (where the data lies is not
-    part of what was run: a sweep carried to another machine still skips its finished runs)
-    and without LATER_DEFAULTS keys left at their defaults."""
-    config = cfg.to_dict()
-    config["data"] = {k: v for k, v in config["data"].items() if k != "dir"}
+    part of what was run: a sweep carried to another machine still skips its finished runs),
+    without NOT_RESULTS keys and without LATER_DEFAULTS keys left at their defaults."""
+    return config_identity(cfg.to_dict())
+
+
+def config_identity(config: dict) -> dict:
+    """identity() of a config as a dict (as results.jsonl stores it)."""
+    config = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    config["data"] = {k: v for k, v in config.get("data", {}).items() if k != "dir"}
+    for key in NOT_RESULTS:
+        section, name = key.split(".")
+        config.get(section, {}).pop(name, None)
     for key, default in LATER_DEFAULTS.items():
         section, name = key.split(".")
-        if config[section].get(name) == default:
+        if section in config and config[section].get(name) == default:
             del config[section][name]
             if not config[section]:         # a section added later, all at its defaults
                 del config[section]
     return config
+
+
+def run_id(method: str, config: dict) -> str:
+    blob = json.dumps({"method": method, "config": config_identity(config)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def recorded_ids(record: dict) -> set[str]:
+    """The ids a recorded run answers to: the one it was stored under and the one its stored
+    config has today (a run recorded before a key left the identity is still the same run)."""
+    ids = {record.get("cell")}
+    if isinstance(record.get("config"), dict) and "method" in record:
+        ids.add(run_id(record["method"], record["config"]))
+    return ids - {None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +122,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        blob = json.dumps({"method": self.method, "config": identity(self.cfg)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return run_id(self.method, self.cfg.to_dict())
 
 
 @dataclasses.dataclass(frozen=True)

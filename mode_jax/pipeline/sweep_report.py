@@ -22,7 +22,7 @@ from mode_jax.atomic import write_text_atomic
 from mode_jax.errors import UserError
 from mode_jax.integrity import strict_json
 from mode_jax.pipeline import stats
-from mode_jax.pipeline.sweep import read_results
+from mode_jax.pipeline.sweep import read_results, recorded_ids
 
 
 def _groups(records: list[dict]) -> dict[str, dict[int, dict]]:
@@ -76,8 +76,13 @@ def for_grid(records: list[dict], grid) -> list[dict]:
     """The records of `grid`'s runs (matched by run id), named as `grid` names its cells: grids
     that share runs (table1-gpu.toml and baselines-gpu.toml) run into one --out and report apart."""
     cells = {cell.id: cell for cell in grid.cells}
-    return [{**r, "name": cells[r["cell"]].name, "settings": dict(cells[r["cell"]].settings)}
-            for r in records if r.get("cell") in cells]
+    out = []
+    for r in records:
+        match = sorted(recorded_ids(r) & cells.keys())
+        if match:
+            cell = cells[match[0]]
+            out.append({**r, "cell": cell.id, "name": cell.name, "settings": dict(cell.settings)})
+    return out
 
 
 def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = stats.N_BOOT,

@@ -28,7 +28,7 @@ from pathlib import Path
 from mode_jax.atomic import write_text_atomic
 from mode_jax.errors import UserError
 from mode_jax.pipeline import presets
-from mode_jax.pipeline.sweep import GATED, Cell, Grid, append_result, identity, read_results
+from mode_jax.pipeline.sweep import GATED, Cell, Grid, append_result, identity, read_results, recorded_ids
 
 
 def expert_config(cfg: presets.PipelineConfig) -> presets.PipelineConfig:
@@ -76,7 +76,7 @@ def run_grid(grid: Grid, out: Path, *, progress: bool = True, deadline: float | 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "grid.toml", grid.path.read_text(encoding="utf-8"))
-    done = {r.get("cell") for r in read_results(out)}
+    done = set().union(*(recorded_ids(r) for r in read_results(out)))
     todo = [c for c in grid.cells if c.id not in done]
     finished = len(grid.cells) - len(todo)
     with tqdm(total=len(grid.cells), initial=finished, desc="cells", unit="run", disable=not progress,
