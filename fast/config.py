@@ -35,8 +35,9 @@ class FastConfig:
     # Tokens per logits chunk in the loss: at most [loss_chunk, V] logits exist at once.
     loss_chunk: int = 4096
     # The LM head + cross-entropy (fast/loss.py). 'xla': the chunked path above. 'pallas': the
-    # fused Triton kernels of kernels/fused_ce.py on a CUDA GPU (no [tokens, V] logits at all;
-    # not yet measured against 'xla', hence not the default), the chunked path on other
+    # fused Triton kernels of kernels/fused_ce.py on a CUDA GPU (no [tokens, V] logits at all,
+    # 800 MiB less per 16k tokens at SmolLM2's vocabulary, but 2.8x slower than 'xla' on the
+    # H200: bench/RESULTS.md; for when memory binds), the chunked path on other
     # platforms. 'pallas_interpret': those kernels in the Pallas interpreter on any platform
     # (CPU tests of the integration; slow). The kernels have no sharding rule: meant for the
     # single-device step (not tried under a mesh, where XLA would have to gather their inputs).

@@ -87,22 +87,24 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, *, width: int) -> BlockSizes:
-        """Chosen for few register spills, not yet timed (bench/gpu_fused_ce.py --sweep times them).
+        """Up to D = 640 (SmolLM2-135M's 576): the best of bench/gpu_fused_ce.py --sweep on the
+        H200 (2026-12-02; one field at a time from the earlier defaults, keeping the best:
+        53.2 -> 17.7 ms for fused forward + backward at N = 16384, V = 49152; bench/RESULTS.md).
 
-        block_d: the widest power of two in [16, 64] dividing D (a 64-wide bf16 row is one
-        128-byte line). grad_rows: the [grad_rows, D] float32 gradient tile lives in
-        registers, so it shrinks as D grows: 32 up to D = 640, else 16 (Triton's smallest).
-        block_v 64: a narrower exp tile and W tile left the gradient accumulators more room.
-        Compiled offline for sm_90 by Triton 3.9 at N = 16384, V = 49152 (XLA bundles its
-        own Triton: a guide, not a guarantee), 8 warps, 2 stages, registers (+ spills):
-        D = 576 forward 80, forward with dh 255 + 24 B (block_v 128: + 96 B), dW 184; D = 960
+        Wider D is not yet timed: there the tiles are chosen for few register spills. block_d:
+        the widest power of two in [16, 64] dividing D (a 64-wide bf16 row is one 128-byte
+        line). grad_rows 16: the [grad_rows, D] float32 gradient tile lives in registers.
+        Compiled offline for sm_90 by Triton 3.9 at N = 16384, V = 49152 (XLA bundles its own
+        Triton: a guide, not a guarantee), 8 warps, 2 stages, registers (+ spills): D = 960
         forward with dh 176, dW 144; D = 2048 forward with dh 255 + 96 B (block_v 128: + 536
         B), dW 255 + 48 B. 4 warps spilled hundreds of bytes, 16 warps (128 registers) more.
         """
         block_d = 64
         while block_d > MIN_DOT and width % block_d:
             block_d //= 2
-        return cls(grad_rows=32 if width <= 640 else 16, block_d=block_d)
+        if width <= 640:
+            return cls(block_t=128, block_v=256, grad_rows=64, block_d=block_d, num_stages=3)
+        return cls(grad_rows=16, block_d=block_d)
 
 
 # ---------------------------------------------------------------- kernel bodies
