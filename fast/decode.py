@@ -19,7 +19,11 @@ Same function as `ref/decode.py` on the stacked layout of `fast/params.py`:
 - weights are cast to `FastConfig.compute_dtype` (bf16 by default), q|k|v and gate|up
   joined, and the stacks split into one buffer per layer once, before any of this
   (`prepare`: a slice of a stacked weight inside the step would be a copy per token);
-  norms, RoPE, softmax, the gate and the logits are float32.
+  norms, RoPE, softmax, the gate and the logits are float32;
+- a model trained with top-k gating (ModeConfig.gate_top_k) is decoded with the same
+  gate: every jitted entry point takes the static `gate_top_k` (None: dense), applied
+  to the gate logits by `ref.mode.top_k_logits` as in training (a different k is a
+  different program). Every stack still runs; its probabilities are 0 outside the kept k.
 
 Attention over the cache is XLA's masked `jax.nn.dot_product_attention` (a decode
 step has one query per row; left padding needs a mask that cuDNN's causal kernel does
@@ -45,6 +49,7 @@ from mode_jax.fast.projection import split_projection
 from mode_jax.fast.swiglu import swiglu_projection
 from mode_jax.ref.config import LlamaConfig
 from mode_jax.ref.llama import check_tokens, rope_freq_factors
+from mode_jax.ref.mode import top_k_logits
 from mode_jax.ref.sampling import SamplingConfig, sample, step_key
 
 F32 = jnp.float32
@@ -150,10 +155,11 @@ def _expert_layers(experts, cache, x, block, write, rot, mask, cfg):
 
 
 def forward(prepared: dict, cache: dict, tokens: jax.Array, write: jax.Array, pad: jax.Array,
-            cfg: LlamaConfig, fast: FastConfig, *, all_logits: bool = False):
+            cfg: LlamaConfig, fast: FastConfig, *, all_logits: bool = False, gate_top_k: int | None = None):
     """Tokens [B, T] at buffer indices write..write+T-1 (row b's positions minus pad[b]) ->
     (float32 logits [B, V] of the last column, or [B, T, V] with all_logits; new cache;
-    gate probabilities [B, T, n_blocks, E], or None for a backbone)."""
+    gate probabilities [B, T, n_blocks, E], or None for a backbone). `gate_top_k`: the
+    model's top-k gate (None: dense)."""
     b, t = tokens.shape
     size = cache["backbone"][0]["k"].shape[1]
     index = write + jnp.arange(t)                                                  # [T] buffer indices
@@ -176,7 +182,7 @@ def forward(prepared: dict, cache: dict, tokens: jax.Array, write: jax.Array, pa
         per_block = n_layers // n_blocks
         bb, ex, probs = cache["backbone"], cache["experts"], []
         for i in range(n_blocks):
-            logits = gate_logits(blocks["gate_w"][i], blocks["gate_b"][i], x)     # [B, T, E] (eq. 2)
+            logits = top_k_logits(gate_logits(blocks["gate_w"][i], blocks["gate_b"][i], x), gate_top_k)   # eq. 2
             h_bb, bb = _backbone_layers(backbone["layers"], bb, x, i * per_block, (i + 1) * per_block,
                                         write, rot, mask, cfg)
             h_ex, ex = _expert_layers(blocks["experts"], ex, x, i, write, rot, mask, cfg)
@@ -204,16 +210,18 @@ def _check_rows(tokens: jax.Array, pad: jax.Array, where: str) -> None:
     chex.assert_type(pad, int, custom_message=f"{where}: pad must be integer counts", exception_type=ValueError)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "size", "all_logits"))
+@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "size", "all_logits", "gate_top_k"))
 def prefill(prepared: dict, tokens: jax.Array, pad: jax.Array, key: jax.Array, *, cfg: LlamaConfig,
-            fast: FastConfig, sampling: SamplingConfig, size: int, all_logits: bool = False):
+            fast: FastConfig, sampling: SamplingConfig, size: int, all_logits: bool = False,
+            gate_top_k: int | None = None):
     """Left-padded prompts [B, P] (pad [B] leading pad columns) into a fresh cache of
     `size` positions -> (first new token [B], its logits [B, V], the last column's gate
     probabilities [B, n_blocks, E], cache, the prompt's logits [B, P, V] if all_logits)."""
     _check_rows(tokens, pad, "prefill")
     cache = init_cache(prepared, tokens.shape[0], size, cfg, fast)
     # Only the last column's logits unless asked: [B, P, V] float32 is 1.6 GB at B=64, P=128.
-    logits, cache, probs = forward(prepared, cache, tokens, jnp.int32(0), pad, cfg, fast, all_logits=all_logits)
+    logits, cache, probs = forward(prepared, cache, tokens, jnp.int32(0), pad, cfg, fast, all_logits=all_logits,
+                                   gate_top_k=gate_top_k)
     last = logits[:, -1] if all_logits else logits
     n_blocks, width = _routing_width(prepared)
     routing = probs[:, -1] if probs is not None else jnp.zeros((tokens.shape[0], n_blocks, width), F32)
@@ -221,26 +229,26 @@ def prefill(prepared: dict, tokens: jax.Array, pad: jax.Array, key: jax.Array, *
     return token, last, routing, cache, (logits if all_logits else None)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "gate_top_k"), donate_argnames=("cache",))
 def decode_step(prepared: dict, cache: dict, token: jax.Array, write: jax.Array, pad: jax.Array,
                 key: jax.Array, step: jax.Array, *, cfg: LlamaConfig, fast: FastConfig,
-                sampling: SamplingConfig):
+                sampling: SamplingConfig, gate_top_k: int | None = None):
     """Feed token [B] at buffer index `write`, draw decoding step `step`'s token ->
     (token [B], logits [B, V], gate probabilities [B, n_blocks, E], cache). For streaming."""
     chex.assert_rank(token, 1, custom_message="decode_step: token must be [B]", exception_type=ValueError)
     _check_rows(token[:, None], pad, "decode_step")
-    logits, cache, probs = forward(prepared, cache, token[:, None], write, pad, cfg, fast)
+    logits, cache, probs = forward(prepared, cache, token[:, None], write, pad, cfg, fast, gate_top_k=gate_top_k)
     n_blocks, width = _routing_width(prepared)
     routing = probs[:, 0] if probs is not None else jnp.zeros((token.shape[0], n_blocks, width), F32)
     return sample(step_key(key, step), logits, sampling), logits, routing, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "max_new", "keep_logits", "unroll"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "fast", "sampling", "max_new", "keep_logits", "unroll",
+                                             "gate_top_k"), donate_argnames=("cache",))
 def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax.Array, first_routing: jax.Array,
                 start: jax.Array, pad: jax.Array, key: jax.Array, eos_id: jax.Array, *, cfg: LlamaConfig,
                 fast: FastConfig, sampling: SamplingConfig, max_new: int, keep_logits: bool = False,
-                unroll: int = 1):
+                unroll: int = 1, gate_top_k: int | None = None):
     """Steps 1..max_new-1 after the prefill's token `first` [B] (written at index `start`),
     in one `lax.while_loop` that ends early once every row has emitted `eos_id` (-1: none).
     -> (tokens [B, max_new] (after a row's EOS: EOS), routing [B, max_new, n_blocks, E]
@@ -264,7 +272,8 @@ def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax
 
     def one_step(carry):
         i, cache, tokens, routing, logits_out, done = carry
-        logits, cache, probs = forward(prepared, cache, tokens[:, i - 1][:, None], start + i - 1, pad, cfg, fast)
+        logits, cache, probs = forward(prepared, cache, tokens[:, i - 1][:, None], start + i - 1, pad, cfg, fast,
+                                       gate_top_k=gate_top_k)
         token = sample(step_key(key, i), logits, sampling)
         token = jnp.where(done, tokens[:, i], token)                               # finished rows: EOS
         tokens = tokens.at[:, i].set(token)
@@ -285,11 +294,13 @@ def decode_loop(prepared: dict, cache: dict, first: jax.Array, first_logits: jax
             jnp.minimum(steps, max_new), cache)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "fast"))
-def score(prepared: dict, tokens: jax.Array, pad: jax.Array, *, cfg: LlamaConfig, fast: FastConfig):
+@functools.partial(jax.jit, static_argnames=("cfg", "fast", "gate_top_k"))
+def score(prepared: dict, tokens: jax.Array, pad: jax.Array, *, cfg: LlamaConfig, fast: FastConfig,
+          gate_top_k: int | None = None):
     """Left-padded texts [B, T] -> (float32 logits [B, T, V], gate probabilities
     [B, T, n_blocks, E] at every position, or None for a backbone)."""
     _check_rows(tokens, pad, "score")
     cache = init_cache(prepared, tokens.shape[0], tokens.shape[1], cfg, fast)
-    logits, _, probs = forward(prepared, cache, tokens, jnp.int32(0), pad, cfg, fast, all_logits=True)
+    logits, _, probs = forward(prepared, cache, tokens, jnp.int32(0), pad, cfg, fast, all_logits=True,
+                               gate_top_k=gate_top_k)
     return logits, probs

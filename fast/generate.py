@@ -57,7 +57,7 @@ def generate(prepared: dict, prompts: Sequence[Sequence[int]], cfg: LlamaConfig,
              max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
              eos_id: int | None = None, stop_strings: Sequence[str] = (),
              detokenize: Callable[[list[int]], str] | None = None, keep_logits: bool = False,
-             bucket: int = 16, unroll: int = 1,
+             bucket: int = 16, unroll: int = 1, gate_top_k: int | None = None,
              on_token: Callable[[int, np.ndarray, np.ndarray], bool] | None = None) -> Generation:
     """Up to `max_new_tokens` new tokens after each prompt (token id lists of any lengths).
 
@@ -65,11 +65,15 @@ def generate(prepared: dict, prompts: Sequence[Sequence[int]], cfg: LlamaConfig,
     jitted step at a time and `on_token(step, tokens [B], routing [B, n_blocks, E])` is called
     after each (streaming);
     it may return True to stop early. `unroll`: decode steps per loop iteration (decode.decode_loop).
+    `gate_top_k`: the top-k gate the MoDE model was trained with (None: dense; static, see
+    fast/decode.py).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if stop_strings and detokenize is None:
         raise ValueError("stop_strings need a detokenize function")
+    if gate_top_k is not None and gate_top_k < 1:
+        raise ValueError(f"gate_top_k must be None (the dense gate) or >= 1, got {gate_top_k}")
     tokens, pad = left_pad(prompts, bucket=bucket)
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
         raise ValueError(f"generate: token ids must be in [0, {cfg.vocab_size}) (the model's vocabulary), "
@@ -79,7 +83,7 @@ def generate(prepared: dict, prompts: Sequence[Sequence[int]], cfg: LlamaConfig,
         raise ValueError(f"prompt ({max(map(len, prompts))} tokens) + max_new_tokens ({max_new_tokens}) "
                          f"exceed the model's context of {cfg.max_seq_len} tokens")
     key = jax.random.key(0) if key is None else key
-    statics = dict(cfg=cfg, fast=fast, sampling=sampling)
+    statics = dict(cfg=cfg, fast=fast, sampling=sampling, gate_top_k=gate_top_k)
     pad_j = jnp.asarray(pad)
     first, first_logits, first_routing, cache, _ = decode.prefill(prepared, jnp.asarray(tokens), pad_j, key,
                                                                   size=size, **statics)

@@ -16,7 +16,9 @@ several are composed with their stage-1 gates, as `mode-jax eval --experts` does
 is a finished training run directory (its experts or composed model.safetensors).
 
 Generation runs on `mode_jax.fast` (`fast/decode.py`); a generated token's routing is
-the gate of the position that predicted it: the experts that spoke for that token.
+the gate of the position that predicted it: the experts that spoke for that token. A run
+trained with top-k gating (mode.gate_top_k) decodes and scores with that gate
+(`Model.gate_top_k`; its routing is 0 outside each token's kept k).
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ class Completion:
 
 
 def _load_params(model: str, experts, run, progress: bool):
-    """(ref params, LlamaConfig, Backbone, expert names) as the eval command would load them."""
+    """(ref params, Backbone, model source, expert names, the gate's top-k or None) as the
+    eval command would load them."""
     import jax
 
     from mode_jax.data.pack import ByteTokenizer
-    from mode_jax.pipeline import expert_io, presets, runs, sources
+    from mode_jax.pipeline import expert_io, presets, runs, sources, stages
     from mode_jax.ref.config import ModeConfig
     from mode_jax.ref.methods import init_method
 
@@ -66,6 +69,7 @@ def _load_params(model: str, experts, run, progress: bool):
     bb = sources.load_backbone(cfg, vocab, progress=progress)
     names = ["backbone"]
     params = {"backbone": bb.params}
+    gate_top_k = None               # expert files compose with the dense gate (stage-1 gates)
     if experts:
         loaded = expert_io.load_compatible(experts, llama=bb.config, mode=sources.mode_config(cfg, 1),
                                            fingerprint=bb.fingerprint, base=bb.base)
@@ -78,19 +82,17 @@ def _load_params(model: str, experts, run, progress: bool):
         from mode_jax.commands.evaluate import _load_run
         ctx = types.SimpleNamespace(cfg=cfg, backbone=bb, llama=bb.config)
         params, method, _ = _load_run(source_run, ctx)
-        if "blocks" not in params:
+        if set(params) != {"backbone", "blocks"}:       # the decoders run the backbone and MoDE blocks only
             raise UserError(f"{run} holds a {method} model, not a MoDE one: generate serves backbones and MoDE")
-        if cfg.mode.gate_top_k and method != "stage1":
-            # The decoders (ref/decode.py, fast/decode.py) run the dense gate: refuse rather than mis-serve.
-            raise UserError(f"{run} was trained with top-k gating (mode.gate_top_k = {cfg.mode.gate_top_k}), "
-                            "which generation does not support yet; mode_jax.export.load_run(...).logits serves it")
+        # The gate the run was trained and evaluated with (top-k where N experts are mixed).
+        gate_top_k = stages.gate_top_k(cfg, method)
         n = len(params["blocks"][0]["experts"])
         info = source_run.info()          # compose runs record "domains", train-expert runs "domain"
         # a sweep's phases record neither: their experts follow the config's domains.targets
         domains = (info.get("domains") or ([info["domain"]] if info.get("domain") else [])
                    or list(cfg.domains.targets))
         names += list(domains) if len(domains) == n else [f"expert{j + 1}" for j in range(n)]
-    return params, bb, cfg.model.source, names
+    return params, bb, cfg.model.source, names, gate_top_k
 
 
 def _tokenizer(source: str):
@@ -117,7 +119,8 @@ class Model:
     """A backbone (with or without experts) ready to generate; see the module doc."""
 
     def __init__(self, params: dict, cfg, tokenizer, *, name: str, expert_names: list[str],
-                 chat_template: str | None = None, compute_dtype: str | None = None):
+                 chat_template: str | None = None, compute_dtype: str | None = None,
+                 gate_top_k: int | None = None):
         import jax
 
         from mode_jax.fast import decode
@@ -125,6 +128,10 @@ class Model:
         from mode_jax.fast.params import to_fast
         self.params, self.cfg, self.tokenizer, self.name = params, cfg, tokenizer, name
         self.expert_names, self.chat_template = expert_names, chat_template
+        if gate_top_k is not None and gate_top_k < 1:
+            raise UserError(f"gate_top_k must be None (the dense gate) or >= 1, got {gate_top_k}")
+        # Static in every decoding program (fast/decode.py): top-k changes what is compiled.
+        self.gate_top_k = gate_top_k
         # bf16 where matmuls are fast in it (GPU/TPU); a CPU computes float32 faster.
         dtype = compute_dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         self.fast = FastConfig(compute_dtype=dtype)
@@ -183,7 +190,7 @@ class Model:
             on_token = _Streamer(self.tokenizer.decode, stream, stop, self.eos_id)
         out = generate(self.prepared, prompts, self.cfg, self.fast, max_new_tokens=max_new_tokens, sampling=sampling,
                        key=jax.random.key(seed), eos_id=self.eos_id, stop_strings=tuple(stop),
-                       detokenize=self.tokenizer.decode, on_token=on_token)
+                       detokenize=self.tokenizer.decode, on_token=on_token, gate_top_k=self.gate_top_k)
         done = [self._completion(p, t, f, r, stop) for p, t, f, r in zip(prompts, out.tokens, out.finish, out.routing)]
         if on_token is not None:
             on_token.flush(done[0].text)
@@ -200,7 +207,8 @@ class Model:
         from mode_jax.fast.generate import left_pad
         ids = self.encode(text)
         tokens, pad = left_pad([ids], bucket=16)
-        logits, probs = decode.score(self.prepared, tokens, pad, cfg=self.cfg, fast=self.fast)
+        logits, probs = decode.score(self.prepared, tokens, pad, cfg=self.cfg, fast=self.fast,
+                                     gate_top_k=self.gate_top_k)
         logits = np.asarray(logits[0, pad[0]:])
         probs = None if probs is None else np.asarray(probs[0, pad[0]:])
         return logits, probs
@@ -256,7 +264,7 @@ def load(model: str = "smollm2-135m", *, experts: Sequence[str] | None = None, r
     """A Model from a backbone name/.gguf/"tiny", plus expert files or a run directory."""
     if experts and run:
         raise UserError("give expert files or a run directory, not both")
-    params, bb, source, names = _load_params(model, list(experts or []), run, progress)
+    params, bb, source, names, gate_top_k = _load_params(model, list(experts or []), run, progress)
     tokenizer, template = _tokenizer(source)
     return Model(params, bb.config, tokenizer, name=bb.name, expert_names=names, chat_template=template,
-                 compute_dtype=compute_dtype)
+                 compute_dtype=compute_dtype, gate_top_k=gate_top_k)

@@ -14,6 +14,11 @@ step; `fast/decode.py` has the static-size version):
     prefill(params, tokens, cfg)            = step on an empty cache
     generate(params, prompt, cfg, ...)      prefill, then one token at a time
 
+Each takes `gate_top_k` (None: the dense gate of eq. 2): a model trained with top-k
+gating (ModeConfig.gate_top_k) keeps each token's k largest gate logits
+(`ref.mode.top_k_logits`) here exactly as in training, and its gate probabilities are
+0 outside the kept k.
+
 `params` is a ref Llama tree or a MoDE tree ({"backbone", "blocks"}, ref/mode.py).
 Rows of a batch have equal length here (no padding); `fast/decode.py` takes ragged
 batches. The math is `ref/llama.py`'s and `ref/mode.py`'s: the same building blocks
@@ -31,7 +36,7 @@ import numpy as np
 
 from mode_jax.ref.config import LlamaConfig
 from mode_jax.ref.llama import attend, attention_qkv, embed, lm_head, mlp, rms_norm, rope_freq_factors
-from mode_jax.ref.mode import gate_logits, gated_combine
+from mode_jax.ref.mode import gate_logits, gated_combine, top_k_logits
 from mode_jax.ref.sampling import SamplingConfig, sample, step_key
 
 
@@ -83,9 +88,10 @@ def stack_step(layers: list[dict], caches: list[dict], x: jax.Array, cfg: LlamaC
     return x, new
 
 
-def step(params: dict, cache: dict, tokens: jax.Array, cfg: LlamaConfig):
+def step(params: dict, cache: dict, tokens: jax.Array, cfg: LlamaConfig, *, gate_top_k: int | None = None):
     """New tokens [B, T] after the cached ones -> (float32 logits [B, T, V], new cache,
-    each block's gate probabilities [B, T, E] (a list; empty for a backbone))."""
+    each block's gate probabilities [B, T, E] (a list; empty for a backbone)).
+    `gate_top_k`: the top-k gate the model was trained with (None: dense)."""
     backbone, blocks = _parts(params)
     x = embed(backbone, tokens)                                                   # [B, T, D]
     if not blocks:
@@ -97,7 +103,7 @@ def step(params: dict, cache: dict, tokens: jax.Array, cfg: LlamaConfig):
         span = slice(i * per_block, (i + 1) * per_block)
         h_bb, c_bb = stack_step(backbone["layers"][span], cache["backbone"][span], x, cfg)
         outs = [stack_step(expert, c, x, cfg) for expert, c in zip(block["experts"], cache["experts"][i])]
-        logits = gate_logits(block, x)                                            # [B, T, E] (eq. 2)
+        logits = top_k_logits(gate_logits(block, x), gate_top_k)                  # [B, T, E] (eq. 2)
         probs.append(jax.nn.softmax(logits, axis=-1))
         x = gated_combine(logits, jnp.stack([h_bb, *[h for h, _ in outs]]))      # eq. 1
         bb_cache += c_bb
@@ -105,9 +111,9 @@ def step(params: dict, cache: dict, tokens: jax.Array, cfg: LlamaConfig):
     return lm_head(backbone, x, cfg), {"backbone": bb_cache, "experts": ex_cache}, probs
 
 
-def prefill(params: dict, tokens: jax.Array, cfg: LlamaConfig):
+def prefill(params: dict, tokens: jax.Array, cfg: LlamaConfig, *, gate_top_k: int | None = None):
     """The prompt [B, T] on an empty cache: (logits [B, T, V], cache, gate probs)."""
-    return step(params, empty_cache(params, tokens.shape[0], cfg), tokens, cfg)
+    return step(params, empty_cache(params, tokens.shape[0], cfg), tokens, cfg, gate_top_k=gate_top_k)
 
 
 @dataclasses.dataclass
@@ -129,12 +135,12 @@ def generate(params: dict, prompt, cfg: LlamaConfig, *, max_new_tokens: int,
              sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
              eos_id: int | None = None, stop_strings: Sequence[str] = (),
              detokenize: Callable[[list[int]], str] | None = None,
-             keep_logits: bool = False) -> Generation:
+             keep_logits: bool = False, gate_top_k: int | None = None) -> Generation:
     """Decode up to `max_new_tokens` after `prompt` ([B, T] ids, equal-length rows).
 
     Step i's token is drawn with `step_key(key, i)`. A row stops at `eos_id` or once
     `detokenize(new tokens)` contains one of `stop_strings`; finished rows are not
-    extended, and decoding ends when every row has.
+    extended, and decoding ends when every row has. `gate_top_k`: as in `step`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -143,7 +149,7 @@ def generate(params: dict, prompt, cfg: LlamaConfig, *, max_new_tokens: int,
     key = jax.random.key(0) if key is None else key
     tokens = jnp.asarray(prompt, jnp.int32)
     batch = tokens.shape[0]
-    logits, cache, probs = prefill(params, tokens, cfg)
+    logits, cache, probs = prefill(params, tokens, cfg, gate_top_k=gate_top_k)
     last = logits[:, -1]                                                          # [B, V]
     last_probs = [p[:, -1] for p in probs]
     out = Generation([[] for _ in range(batch)], ["length"] * batch, [[] for _ in range(batch)])
@@ -163,7 +169,7 @@ def generate(params: dict, prompt, cfg: LlamaConfig, *, max_new_tokens: int,
                 out.finish[b] = "stop"
         if all(f != "length" for f in out.finish) or i == max_new_tokens - 1:
             break
-        logits, cache, probs = step(params, cache, jnp.asarray(nxt)[:, None], cfg)
+        logits, cache, probs = step(params, cache, jnp.asarray(nxt)[:, None], cfg, gate_top_k=gate_top_k)
         last, last_probs = logits[:, -1], [p[:, -1] for p in probs]
     out.routing = [np.stack(r) for r in out.routing]
     if keep_logits:

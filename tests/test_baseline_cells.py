@@ -15,7 +15,6 @@ import pytest
 
 import mode_jax
 from mode_jax.cli import main
-from mode_jax.errors import UserError
 from mode_jax.export import load_run
 from mode_jax.pipeline import engine, expert_io, presets, sources
 from mode_jax.ref.methods import METHODS, apply, init_method, partition
@@ -84,9 +83,11 @@ def test_capacity_control_and_top_k_cells(tmp_path):
         # and not the dense gate's (means of softmax rows, not of one-hot ones)
         dense = batch_metrics(params, {"tokens": rows}, ctx_backbone.config, with_routing=True)["routing"]
         assert np.max(np.abs(routing - np.asarray(dense))) > 1e-3
-    # A loaded run serves its top-1 gate (export.load_run); generation, whose decoders are dense, refuses it.
+    # A loaded run serves its top-1 gate (export.load_run), and so does generation (mode_jax.load; its
+    # decoding is checked in tests/test_top_k_decode.py).
     loaded = load_run(run_dir)
     assert loaded.gate_top_k == 1
     assert_close(loaded.logits(rows[:2, :-1]), apply(params, rows[:2, :-1], ctx_backbone.config, gate_top_k=1))
-    with pytest.raises(UserError, match="top-k gating"):
-        mode_jax.load(run=str(run_dir))
+    model = mode_jax.load(run=str(run_dir))
+    assert model.gate_top_k == 1
+    assert np.all(np.count_nonzero(model.routing("1 + 2 = 3"), axis=-1) == 1)

@@ -38,7 +38,8 @@ def register(sub) -> None:
     what.add_argument("--experts", nargs="+", default=None, metavar="FILE",
                       help="expert files to compose with their stage-1 gates")
     what.add_argument("--run", default=None, metavar="DIR",
-                      help="a finished train-expert / compose run (its model and backbone)")
+                      help="a finished train-expert / compose run (its model and backbone; a run trained "
+                           "with top-k gating, mode.gate_top_k, decodes with that gate)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="the prompt text")
     src.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from FILE (- for stdin)")
