@@ -27,6 +27,7 @@ from mode_jax.ref.llama import lm_head
 from mode_jax.ref.methods import apply
 from mode_jax.ref.mode import mode_forward, mode_hidden
 from mode_jax.ref.sampling import SamplingConfig
+from tests.helpers import assert_refused
 from tests.test_decode_ref import CFG, tiny_mode
 from tests.test_top_k_gate import top_k_gap
 from tests.tolerances import ARGMAX_TIE_MARGIN, PROBABILITY_SUM, TOP_K_MARGIN, assert_close
@@ -179,11 +180,11 @@ def test_bad_gate_top_k_is_refused(draw):
 
 
 @pytest.mark.slow
-def test_top_1_run_is_served_by_load_and_the_cli(tmp_path, capsys):
+def test_top_1_run_is_served_by_load_and_the_cli(tmp_path, capsys, monkeypatch):
     """A compose --uninit run trained with mode.gate_top_k = 1 (smoke preset, 2 steps): loaded,
     its greedy continuation is the argmax of ref/'s teacher-forced top-1 logits at every step,
     its scores are ref/'s top-1 logits (not the dense gate's), and `mode-jax generate --run`
-    prints that continuation."""
+    prints that continuation. A model the decoders cannot run whole is still refused."""
     run = tmp_path / "top1"
     assert main(["compose", "--uninit", "--domains", "math", "code", "--steps", "2", "--preset", "smoke",
                  "--set", "mode.gate_top_k=1", "--out", str(run), "--quiet"]) == 0
@@ -209,3 +210,10 @@ def test_top_1_run_is_served_by_load_and_the_cli(tmp_path, capsys):
     # the CLI streams the same greedy text
     assert main(["generate", "--run", str(run), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out == out.text + "\n"
+    # MoDE blocks beside something the decoders would ignore (here LoRA adapters): refused in one line
+    import mode_jax.commands.evaluate as evaluate
+    real = evaluate._load_run
+    monkeypatch.setattr(evaluate, "_load_run", lambda r, ctx: ({**real(r, ctx)[0], "lora": {}}, "lora", "x"))
+    page = tmp_path / "page.html"
+    assert_refused(capsys, ["generate", "--run", str(run), "--prompt", prompt, "--routing-html", str(page)], page,
+                   "not a MoDE one")
