@@ -194,8 +194,9 @@ def test_gradients_match_ref(method, trainable, merge_kind, dtype, seed):
         assert_close(g, w, dtype=tolerance_dtype(fast), scale=scale, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("layer_loop", LAYER_LOOPS)
-@pytest.mark.parametrize("remat", REMATS)
+# Every concrete policy x loop, and "auto" once (it resolves to one of them: test_auto_loop_and_remat)
+@pytest.mark.parametrize("remat, layer_loop", [(r, loop) for r in REMATS if r != "auto"
+                                               for loop in LAYER_LOOPS if loop != "auto"] + [("auto", "auto")])
 def test_every_remat_policy_and_layer_loop_gives_ref_gradients(remat, layer_loop):
     """Rematerialisation and the loop over layers change what is stored, never the values:
     float32 gradients of full FT, LoRA and MoDE's experts and gates match ref/ under each."""
