@@ -72,8 +72,6 @@ def generate(prepared: dict, prompts: Sequence[Sequence[int]], cfg: LlamaConfig,
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if stop_strings and detokenize is None:
         raise ValueError("stop_strings need a detokenize function")
-    if gate_top_k is not None and gate_top_k < 1:
-        raise ValueError(f"gate_top_k must be None (the dense gate) or >= 1, got {gate_top_k}")
     tokens, pad = left_pad(prompts, bucket=bucket)
     if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
         raise ValueError(f"generate: token ids must be in [0, {cfg.vocab_size}) (the model's vocabulary), "

@@ -128,8 +128,6 @@ class Model:
         from mode_jax.fast.params import to_fast
         self.params, self.cfg, self.tokenizer, self.name = params, cfg, tokenizer, name
         self.expert_names, self.chat_template = expert_names, chat_template
-        if gate_top_k is not None and gate_top_k < 1:
-            raise UserError(f"gate_top_k must be None (the dense gate) or >= 1, got {gate_top_k}")
         # Static in every decoding program (fast/decode.py): top-k changes what is compiled.
         self.gate_top_k = gate_top_k
         # bf16 where matmuls are fast in it (GPU/TPU); a CPU computes float32 faster.

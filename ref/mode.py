@@ -52,8 +52,10 @@ def top_k_logits(logits: jax.Array, k: int | None) -> jax.Array:
     softmax of the result is the softmax over the kept logits alone (renormalised) and exactly
     0 elsewhere. k None (or >= E) returns the logits unchanged: the dense gate. The gradient
     is the kept logits' softmax gradient (the selection itself is piecewise constant); ties
-    keep the lower index, as `lax.top_k` does."""
+    keep the lower index, as `lax.top_k` does. k < 1 is refused (no stack would be kept)."""
     n = logits.shape[-1]
+    if k is not None and k < 1:
+        raise ValueError(f"gate_top_k must be None (the dense gate) or >= 1, got {k}")
     if k is None or k >= n:
         return logits
     _, idx = jax.lax.top_k(logits, k)                                            # [..., k]
