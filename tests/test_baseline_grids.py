@@ -36,6 +36,10 @@ def test_baselines_grid():
     # top-k: the same experts (stage-1 settings equal), gate_top_k 1 and 2.
     for k in (1, 2):
         assert one(g.cells, f"mode-2x gate_top_k={k}").cfg.mode.gate_top_k == k
+    # top-1 from an even start: margin 0 (the default 4.0 elsewhere), the same parameter count.
+    even = one(g.cells, "mode-2x top-1 margin-0").cfg.mode
+    assert (even.gate_top_k, even.gate_margin) == (1, 0.0)
+    assert one(g.cells, "mode-2x").cfg.mode.gate_margin in (None, 4.0)
     # Capacity control: one 4-layer expert, on the mixture, within one gate column per block of mode-2x.
     for steps in (400, 1200):
         cap = one(g.cells, f"capacity-1x4 steps={steps}")
