@@ -82,11 +82,16 @@ def test_permutations_grid():
 def test_per_domain_grid():
     g = grid("per-domain-gpu.toml")
     got = {(c.method, c.cfg.domains.targets) for c in g.cells}
-    assert got == {(m, (d,)) for m in ("expert", "full", "lora") for d in DOMAINS}
+    mixture = ("math", "code", "english")
+    assert got == {(m, (d,)) for m in ("expert", "full", "lora") for d in DOMAINS} | {
+        (m, mixture) for m in ("full", "lora")}
     for c in g.cells:
         assert set(c.cfg.eval_domains) == DOMAINS | {"english-modern"}
-        # every method the same 400 steps on its one domain
-        assert (c.cfg.train.stage1_steps if c.method == "expert" else c.cfg.train.steps) == 400
+        steps = c.cfg.train.stage1_steps if c.method == "expert" else c.cfg.train.steps
+        if len(c.cfg.domains.targets) == 1:     # every method the same 400 steps on its one domain
+            assert (steps, c.cfg.train.batch_size) == (400, 16)
+        else:                                   # the three-domain mixture: the same rows, 6 of each a step
+            assert c.cfg.train.batch_size % 3 == 0 and abs(steps * c.cfg.train.batch_size - 400 * 16) < 18
 
 
 
