@@ -196,10 +196,11 @@ def write(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
           x: str | None = None, records: list[dict] | None = None) -> str:
     """table.md, table.json and (with matplotlib) the two plots in `out`; returns the markdown.
     With `x` (a config key, several comma-separated, or `params`): also curves.md and
-    curves.png (pipeline/sweep_curves.py), and their markdown after the table's. `records`:
+    curves.png (pipeline/sweep_curves.py), and their markdown after the table's. Cells with
+    target and retention domains: also tradeoff.md and tradeoff.png (pipeline/sweep_tradeoff.py). `records`:
     report these runs (for_grid's) instead of <out>/results.jsonl's. Runs with a gate analysis
     (sweep.gate_analysis): also gates.md, gates.json and gates.png (pipeline/sweep_gates.py)."""
-    from mode_jax.pipeline import plots, sweep_curves
+    from mode_jax.pipeline import plots, sweep_curves, sweep_tradeoff
     out = Path(out)
     # a bad --x key is refused before anything is written
     records = read_results(out) if records is None else records
@@ -212,6 +213,9 @@ def write(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
         _error_bars(table, out / "accuracy.png")
         if table["differences"]:
             _difference_bars(table, out / "differences.png")
+    tradeoff = sweep_tradeoff.write(out, records, n_boot=n_boot)
+    if tradeoff:
+        md += "\n" + tradeoff
     if curve_plan is not None:
         md += "\n" + sweep_curves.write(out, table, curve_plan)
     if any(r.get("gate_analysis") for r in records):

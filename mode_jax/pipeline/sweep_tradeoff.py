@@ -1,0 +1,149 @@
+"""`mode-jax sweep report`: the adaptation / retention trade-off of every cell, as one picture.
+
+The paper's claim is a trade-off: adapt to the target domains while keeping the general one.
+Per cell this takes the mean accuracy over the cell's own target domains (what it adapted to)
+and the mean over its own retention domains (what it should keep), each with a 95% bootstrap
+interval over seeds and test documents (stats.average_over_domains: one draw of seeds shared
+by the domains, documents drawn per domain). When the sweep has a `backbone` cell, both are also
+taken as paired differences from it (same seeds, same documents, the cell's own domains): the
+gain on the targets and the change on retention, whose intervals leave out the test documents'
+shared difficulty and so are several times tighter. Writes
+
+    tradeoff.md    cell, seeds, targets, retention, the two means and the two differences [interval]
+    tradeoff.png   retention against targets, one labelled point per cell with both intervals:
+                   the differences from the backbone (0, 0 = the backbone) when there is one,
+                   else the means
+
+A cell's targets and retention are its own (`domains.targets` / `domains.retention` of its
+config, as evaluated), so grids whose cells adapt to different domains (every permutation
+of three domains: permutations-gpu.toml) put each method's held-out retention on one axis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mode_jax.atomic import atomic_path, write_text_atomic
+from mode_jax.pipeline import stats
+
+BACKBONE = "backbone"
+
+
+def _sides(run: dict) -> tuple[list[str], list[str]]:
+    """(targets, retention) of a run, as evaluated: retention leaves out the run's targets."""
+    evaluated = run["result"]["domains"]
+    domains = run["config"]["domains"]
+    targets = [d for d in domains["targets"] if d in evaluated]
+    retention = [d for d in domains["retention"] if d in evaluated and d not in targets]
+    return targets, retention
+
+
+def build(records: list[dict], n_boot: int = stats.N_BOOT) -> list[dict[str, Any]]:
+    """One row per cell with both sides evaluated: name, method, seeds, targets, retention, the
+    two averages and, given a backbone cell, the two paired differences from it (Interval.to_dict();
+    None where the backbone was not measured on the same seeds and documents)."""
+    from mode_jax.pipeline.sweep_report import _counts, _groups, _same_units
+    groups = _groups(records)
+    base = next((by_seed for by_seed in groups.values()
+                 if next(iter(by_seed.values()))["method"] == BACKBONE), None)
+    rows = []
+    for name, by_seed in groups.items():
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        targets, retention = _sides(runs[0])
+        if not targets or not retention:
+            continue
+        row = {"name": name, "method": runs[0]["method"], "seeds": sorted(by_seed),
+               "targets": targets, "retention": retention}
+        for side, domains in (("target", targets), ("retained", retention)):
+            counts = [_counts(runs, d) for d in domains]
+            shared = all(c[2] for c in counts)
+            row[side] = stats.average_over_domains([c[:2] for c in counts], n_boot=n_boot,
+                                                   shared_documents=shared).to_dict()
+            row[side + "_vs_backbone"] = None
+            seeds = sorted(set(by_seed) & set(base or {}))
+            if base is None or not seeds or all(by_seed[s] is base.get(s) for s in seeds):
+                continue
+            a, b = [by_seed[s] for s in seeds], [base[s] for s in seeds]
+            if not all(_same_units(a, b, d) for d in domains):
+                continue
+            ca, cb = [_counts(a, d) for d in domains], [_counts(b, d) for d in domains]
+            row[side + "_vs_backbone"] = stats.average_over_domains(
+                [c[:2] for c in ca], [c[:2] for c in cb], n_boot=n_boot,
+                shared_documents=all(c[2] for c in ca)).to_dict()
+        rows.append(row)
+    return rows
+
+
+def _pct(v: dict | None, sign: str = "") -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v['estimate']:{sign}.2f} [{100 * v['low']:{sign}.2f}, {100 * v['high']:{sign}.2f}]"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["Adaptation against retention: per cell, the mean next-token accuracy (%) over its target "
+             "domains and over its retention domains, and their paired differences (points) from the "
+             "backbone (same seeds and documents; - where there is none) [95% bootstrap interval over "
+             "seeds and test documents; the domains share each draw of seeds].", "",
+             "| cell | seeds | targets | retention | targets mean | retention mean | targets - backbone "
+             "| retention - backbone |",
+             "| --- | ---: | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {len(r['seeds'])} | {', '.join(r['targets'])} | "
+                     f"{', '.join(r['retention'])} | {_pct(r['target'])} | {_pct(r['retained'])} | "
+                     f"{_pct(r['target_vs_backbone'], '+')} | {_pct(r['retained_vs_backbone'], '+')} |")
+    return "\n".join(lines) + "\n"
+
+
+MARKERS = "osD^v<>pPX*h"
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paired = [r for r in rows if r["target_vs_backbone"] is not None and r["retained_vs_backbone"] is not None]
+    keys = ("target_vs_backbone", "retained_vs_backbone") if paired else ("target", "retained")
+    shown = paired or rows
+    fig, ax = plt.subplots(figsize=(9.0, 6.5))
+    for i, r in enumerate(shown):
+        x, y = (100 * r[k]["estimate"] for k in keys)
+        xerr = [[x - 100 * r[keys[0]]["low"]], [100 * r[keys[0]]["high"] - x]]
+        yerr = [[y - 100 * r[keys[1]]["low"]], [100 * r[keys[1]]["high"] - y]]
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt=MARKERS[i % len(MARKERS)], capsize=3, lw=1.0,
+                    color=f"C{i % 10}")
+        ax.annotate(f"{r['name']} ({len(r['seeds'])})", (x, y), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7, color=f"C{i % 10}")
+    if paired:
+        ax.axvline(0.0, color="grey", ls="--", lw=0.8)
+        ax.axhline(0.0, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("gain on the cell's target domains over the backbone (points, paired)")
+        ax.set_ylabel("change on the cell's retention domains from the backbone (points, paired)")
+        title = "Adaptation against retention: paired differences from the backbone, 95% intervals"
+    else:
+        ax.set_xlabel("mean accuracy on the cell's target domains (%)")
+        ax.set_ylabel("mean accuracy on the cell's retention domains (%)")
+        title = "Adaptation against retention, 95% intervals"
+    ax.set_title(title + " (seeds in brackets)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write(out: Path, records: list[dict], n_boot: int = stats.N_BOOT) -> str:
+    """tradeoff.md and (with matplotlib) tradeoff.png in `out`; returns the markdown ('' when no
+    cell has both target and retention domains)."""
+    from mode_jax.pipeline import plots
+    rows = build(records, n_boot=n_boot)
+    if not rows:
+        return ""
+    md = markdown(rows)
+    write_text_atomic(Path(out) / "tradeoff.md", md)
+    if plots.available():
+        plot(rows, Path(out) / "tradeoff.png")
+    return md
