@@ -67,7 +67,13 @@ def test_baselines_grid():
 def test_permutations_grid():
     g = grid("permutations-gpu.toml")
     pairs = set()
+    backbone = [c for c in g.cells if c.method == "backbone"]
+    # Table 1's backbone run (the same id in table1-gpu.toml), evaluated on every domain
+    assert {c.id for c in backbone} == {c.id for c in grid("table1-gpu.toml").cells if c.method == "backbone"}
+    assert all(set(c.cfg.eval_domains) == DOMAINS | {"english-modern"} for c in backbone)
     for c in g.cells:
+        if c.method == "backbone":
+            continue
         targets, retention = set(c.cfg.domains.targets), set(c.cfg.domains.retention)
         assert len(targets) == 2 and not targets & retention
         held_out = DOMAINS - targets
@@ -76,17 +82,20 @@ def test_permutations_grid():
     # MoDE, full FT and LoRA on each of the three pairs.
     assert pairs == {(m, frozenset(p)) for m in ("mode", "full", "lora")
                      for p in ({"math", "code"}, {"math", "english"}, {"code", "english"})}
-    assert len(g.cells) == 3 * (3 + 3 * 2 * 2)
+    assert len(g.cells) == 3 * (1 + 3 + 3 * 2 * 2)
 
 
 def test_per_domain_grid():
     g = grid("per-domain-gpu.toml")
-    got = {(c.method, c.cfg.domains.targets) for c in g.cells}
+    got = {(c.method, c.cfg.domains.targets) for c in g.cells if c.method != "backbone"}
+    assert sum(c.method == "backbone" for c in g.cells) == 3           # one a seed, on every domain
     mixture = ("math", "code", "english")
     assert got == {(m, (d,)) for m in ("expert", "full", "lora") for d in DOMAINS} | {
         (m, mixture) for m in ("full", "lora")}
     for c in g.cells:
         assert set(c.cfg.eval_domains) == DOMAINS | {"english-modern"}
+        if c.method == "backbone":
+            continue
         steps = c.cfg.train.stage1_steps if c.method == "expert" else c.cfg.train.steps
         if len(c.cfg.domains.targets) == 1:     # every method the same 400 steps on its one domain
             assert (steps, c.cfg.train.batch_size) == (400, 16)
