@@ -71,6 +71,17 @@ def test_each_cell_its_own_sides(tmp_path):
     assert f"| {100 * e['estimate']:.2f} [{100 * e['low']:.2f}, {100 * e['high']:.2f}] |" in md
     assert f"| {100 * g['estimate']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}] |" in md
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the picture: differences from the backbone for every other cell
+    keys, shown = sweep_tradeoff.axes(list(rows.values()))
+    assert keys == ("target_vs_backbone", "retained_vs_backbone") and "backbone" not in {r["name"] for r in shown}
+    # one cell measured on other documents: no pairing for it, so the picture falls back to the means
+    other = [_record("elsewhere", s, "full", ["math", "code"], ["english", "modern"], _draw(rng)) for s in (0, 1)]
+    for r in other:
+        r["result"]["domains"]["math"]["per_document"]["ids"] = [9, 8, 7, 6]
+    mixed = sweep_tradeoff.build(records + other, n_boot=100)
+    assert next(r for r in mixed if r["name"] == "elsewhere")["target_vs_backbone"] is None
+    keys, shown = sweep_tradeoff.axes(mixed)
+    assert keys == ("target", "retained") and len(shown) == len(mixed)
 
 
 def test_paired_differences_are_tighter_when_cells_share_difficulty(tmp_path):

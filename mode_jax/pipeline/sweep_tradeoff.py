@@ -11,8 +11,8 @@ shared difficulty and so are several times tighter. Writes
 
     tradeoff.md    cell, seeds, targets, retention, the two means and the two differences [interval]
     tradeoff.png   retention against targets, one labelled point per cell with both intervals:
-                   the differences from the backbone (0, 0 = the backbone) when there is one,
-                   else the means
+                   the differences from the backbone (0, 0 = the backbone) when every cell has
+                   them, else the means
 
 A cell's targets and retention are its own (`domains.targets` / `domains.retention` of its
 config, as evaluated), so grids whose cells adapt to different domains (every permutation
@@ -99,14 +99,23 @@ def markdown(rows: list[dict]) -> str:
 MARKERS = "osD^v<>pPX*h"
 
 
+def axes(rows: list[dict]) -> tuple[tuple[str, str], list[dict]]:
+    """What the picture draws: (x key, y key) and the rows drawn. The differences from the backbone,
+    without the backbone's own row, if every other cell has them (a cell measured on other
+    documents would silently drop out otherwise); else the means of every row."""
+    others = [r for r in rows if r["method"] != BACKBONE]
+    if others and all(r["target_vs_backbone"] and r["retained_vs_backbone"] for r in others):
+        return ("target_vs_backbone", "retained_vs_backbone"), others
+    return ("target", "retained"), rows
+
+
 def plot(rows: list[dict], path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paired = [r for r in rows if r["target_vs_backbone"] is not None and r["retained_vs_backbone"] is not None]
-    keys = ("target_vs_backbone", "retained_vs_backbone") if paired else ("target", "retained")
-    shown = paired or rows
+    keys, shown = axes(rows)
+    paired = keys[0] != "target"
     fig, ax = plt.subplots(figsize=(9.0, 6.5))
     for i, r in enumerate(shown):
         x, y = (100 * r[k]["estimate"] for k in keys)
