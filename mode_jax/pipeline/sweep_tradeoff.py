@@ -124,7 +124,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt=MARKERS[i % len(MARKERS)], capsize=3, lw=1.0,
                     color=f"C{i % 10}")
         ax.annotate(f"{r['name']} ({len(r['seeds'])})", (x, y), textcoords="offset points",
-                    xytext=(5, 4), fontsize=7, color=f"C{i % 10}")
+                    xytext=(5, 4 if i % 2 == 0 else -10), fontsize=7, color=f"C{i % 10}")   # alternate: less overlap
     if paired:
         ax.axvline(0.0, color="grey", ls="--", lw=0.8)
         ax.axhline(0.0, color="grey", ls="--", lw=0.8)
@@ -137,6 +137,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         title = "Adaptation against retention, 95% intervals"
     ax.set_title(title + " (seeds in brackets)", fontsize=10)
     ax.grid(alpha=0.3)
+    ax.margins(x=0.3, y=0.08)           # room for the labels right of the points
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
