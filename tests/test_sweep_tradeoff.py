@@ -82,6 +82,11 @@ def test_each_cell_its_own_sides(tmp_path):
     assert next(r for r in mixed if r["name"] == "elsewhere")["target_vs_backbone"] is None
     keys, shown = sweep_tradeoff.axes(mixed)
     assert keys == ("target", "retained") and len(shown) == len(mixed)
+    # a cell evaluated on a domain the backbone never saw: no pairing on that side, no KeyError
+    new = [_record("new domain", s, "full", ["math", "code"], ["french"], {**_draw(rng), "french": [1, 2, 3, 4]})
+           for s in (0, 1)]
+    (row,) = [r for r in sweep_tradeoff.build(records + new, n_boot=100) if r["name"] == "new domain"]
+    assert row["target_vs_backbone"] is not None and row["retained_vs_backbone"] is None
 
 
 def test_paired_differences_are_tighter_when_cells_share_difficulty(tmp_path):

@@ -65,7 +65,8 @@ def build(records: list[dict], n_boot: int = stats.N_BOOT) -> list[dict[str, Any
             if base is None or not seeds or all(by_seed[s] is base.get(s) for s in seeds):
                 continue
             a, b = [by_seed[s] for s in seeds], [base[s] for s in seeds]
-            if not all(_same_units(a, b, d) for d in domains):
+            if not all(d in r["result"]["domains"] for r in b for d in domains) or \
+                    not all(_same_units(a, b, d) for d in domains):
                 continue
             ca, cb = [_counts(a, d) for d in domains], [_counts(b, d) for d in domains]
             row[side + "_vs_backbone"] = stats.average_over_domains(
