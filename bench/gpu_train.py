@@ -96,6 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--remat", default=None, choices=list(REMATS), help="default: FastConfig's")
     p.add_argument("--layer-loop", default=None, choices=list(LAYER_LOOPS), help="default: FastConfig's")
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    p.add_argument("--lora", default="16:attn", metavar="RANK:TARGETS",
+                   help="the LoRA part's rank and targets (attn or attn_mlp); the peer ratio is printed "
+                        "for the peer's own 16:attn only")
     p.add_argument("--variants", default="",
                    help="extra unchecked rows with other FastConfig fields, e.g. "
                         "'full:scan_unroll=2,mode:remat=dots+loss_chunk=8192'")
@@ -117,6 +120,10 @@ def parse_args(argv=None):
                 f"{jax.default_backend()}); use --loss-kernel pallas_interpret or xla here")
     if args.small:
         args.batch, args.seq, args.steps, args.warmup = 2, 32, 3, 1
+    rank, _, targets = args.lora.partition(":")
+    if not rank.isdigit() or int(rank) < 1 or targets not in ("attn", "attn_mlp"):
+        p.error(f"--lora {args.lora!r}: want RANK:TARGETS, a positive rank and attn or attn_mlp (e.g. 139:attn_mlp)")
+    args.lora_config = LoraConfig(rank=int(rank), targets=targets)      # alpha: LoraConfig's, as the sweeps
     if args.parts is None:
         args.parts = "full,lora,mode,block" if args.small else "full,lora,mode,mode_stacked,block"
     return args
@@ -539,6 +546,11 @@ def main(argv=None) -> int:
     else:
         MODE = dataclasses.replace(MODE, n_blocks=SHAPES[args.shape]["mode_blocks"])
     LABEL["mode"] = f"MoDE 2x({MODE.n_blocks}x{MODE.expert_layers})"
+    global LORA
+    if args.lora_config != LORA:
+        LORA = args.lora_config
+        LABEL["lora"] = f"LoRA r{LORA.rank} {LORA.targets}"
+        TARGETS.pop("lora", None)          # the peer runs r16 on attention: no ratio for another LoRA
     for part in SPMD_PARTS:
         LABEL[part] = f"{LABEL['mode']} SPMD x{jax.device_count()} {fast_config(part, args).merge}"
     parts = [p for p in args.parts.split(",") if p]
