@@ -50,6 +50,9 @@ def register(sub) -> None:
                         "series (the cell name without KEY's setting), e.g. data.train_examples, lora.rank, "
                         "mode.expert_layers; several comma-separated (a cell's x is the first it varies); "
                         "`params`: trained parameters (series: names without their numeric settings)")
+    p.add_argument("--avg", default=None, metavar="DOMAINS",
+                   help="(report) the avg column over these evaluated domains, comma-separated (default: "
+                        "every evaluated domain), e.g. math,code,english: the paper's average")
     p.add_argument("--grid", dest="grid_file", default=None, metavar="GRID.toml",
                    help="(report) only this grid's runs (by run id, named as it names them; --set as when "
                         "it ran), written to DIR/report-<grid name>/: grids that share runs run into one "
@@ -121,7 +124,8 @@ def _report(args) -> int:
         baseline = baseline if baseline is not None else grid.baseline
     elif baseline is None and (out / "grid.toml").is_file():
         baseline = tomllib.loads((out / "grid.toml").read_text(encoding="utf-8")).get("sweep", {}).get("baseline")
-    md = sweep_report.write(dest, baseline=baseline, x=args.x, records=records,
+    avg = None if args.avg is None else [d.strip() for d in args.avg.split(",") if d.strip()]
+    md = sweep_report.write(dest, baseline=baseline, x=args.x, records=records, avg=avg,
                             **({"n_boot": args.n_boot} if args.n_boot else {}))
     print(md)
     print(f"wrote {dest / 'table.md'}" + (f" and {dest / 'curves.md'}" if args.x is not None else ""), file=sys.stderr)

@@ -86,9 +86,10 @@ def for_grid(records: list[dict], grid) -> list[dict]:
 
 
 def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = stats.N_BOOT,
-          records: list[dict] | None = None) -> dict[str, Any]:
+          records: list[dict] | None = None, avg: list[str] | None = None) -> dict[str, Any]:
     """The table as JSON-able data; `baseline`: one cell name or several (one comparison each);
-    `records`: these runs instead of <out>/results.jsonl's."""
+    `records`: these runs instead of <out>/results.jsonl's; `avg`: the domains the avg column
+    averages (default: every evaluated domain)."""
     records = read_results(out) if records is None else records
     if not records:
         raise UserError(f"{out} holds no finished sweep runs ({out / 'results.jsonl'} is missing or empty)")
@@ -102,6 +103,12 @@ def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
     # the domains every run was evaluated on, in the first run's order (targets, then retention)
     domains = [d for d in dict.fromkeys(order["targets"] + order["retention"])
                if all(d in r["result"]["domains"] for r in records)]
+    if avg is not None:
+        unknown = [d for d in avg if d not in domains]
+        if not avg or unknown:
+            what = "names no domain" if not avg else "not evaluated in every run: " + ", ".join(unknown)
+            raise UserError(f"--avg {','.join(avg)}: {what} (the evaluated domains: {', '.join(domains)})")
+    averaged = list(dict.fromkeys(avg)) if avg is not None else domains
     # answer-token columns of the question/answer domains every run has them for (not in avg)
     answer_columns = [d + ANSWERS for d in domains if all(
         r["result"]["domains"][d].get("answers", {}).get("tokens") for r in records)]
@@ -116,14 +123,14 @@ def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
             row["domains"][d] = {**stats.bootstrap_accuracy(ys, ns, shared_documents=shared, n_boot=n_boot).to_dict(),
                                  "unit": unit, "shared_documents": shared,
                                  "per_seed": [float(y.sum() / n.sum()) for y, n in zip(ys, ns)]}
-        counts = [_counts(runs, d) for d in domains]
+        counts = [_counts(runs, d) for d in averaged]
         row["avg"] = stats.average_over_domains([(ys, ns) for ys, ns, _, _ in counts], n_boot=n_boot,
                                                 shared_documents=all(c[2] for c in counts)).to_dict()
         rows.append(row)
     for base in baselines:
-        diffs += [_paired(name, by_seed, base, groups[base], domains, n_boot, answer_columns)
+        diffs += [_paired(name, by_seed, base, groups[base], domains, n_boot, answer_columns, averaged)
                   for name, by_seed in groups.items() if name != base]
-    return {"domains": domains, "answer_columns": answer_columns, "rows": rows,
+    return {"domains": domains, "answer_columns": answer_columns, "rows": rows, "avg_domains": averaged,
             "eval_split": "/".join(sorted({_split(r) for r in records})),
             "baseline": baselines[0] if baselines else None,
             "baselines": baselines, "differences": diffs,
@@ -132,9 +139,10 @@ def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
                     "excluded; [low, high]: 95% percentile bootstrap over seeds and test documents"}
 
 
-def _paired(name, by_seed, base, base_by_seed, domains, n_boot, extra=()) -> dict[str, Any]:
+def _paired(name, by_seed, base, base_by_seed, domains, n_boot, extra=(), averaged=None) -> dict[str, Any]:
     """`name` - `base` per domain (and `extra` column) on the seeds both have (None where not
-    on the same documents); the average is over `domains` only."""
+    on the same documents); the average is over `averaged` (default: `domains`)."""
+    averaged = list(domains) if averaged is None else averaged
     seeds = sorted(set(by_seed) & set(base_by_seed))
     entry = {"name": name, "baseline": base, "seeds": seeds, "domains": {}}
     for d in list(domains) + list(extra):
@@ -147,9 +155,9 @@ def _paired(name, by_seed, base, base_by_seed, domains, n_boot, extra=()) -> dic
         entry["domains"][d] = stats.paired_difference(ya, na, yb, nb, shared_documents=shared,
                                                       n_boot=n_boot).to_dict()
     entry["avg"] = None
-    if domains and all(entry["domains"][d] is not None for d in domains):
-        ca = [_counts([by_seed[s] for s in seeds], d) for d in domains]
-        cb = [_counts([base_by_seed[s] for s in seeds], d) for d in domains]
+    if averaged and all(entry["domains"][d] is not None for d in averaged):
+        ca = [_counts([by_seed[s] for s in seeds], d) for d in averaged]
+        cb = [_counts([base_by_seed[s] for s in seeds], d) for d in averaged]
         entry["avg"] = stats.average_over_domains([c[:2] for c in ca], [c[:2] for c in cb], n_boot=n_boot,
                                                   shared_documents=all(c[2] for c in ca)).to_dict()
     return entry
@@ -164,7 +172,9 @@ def markdown(table: dict[str, Any]) -> str:
     columns = domains + table.get("answer_columns", [])
     split = table.get("eval_split", "test")
     mixed = "/" in split           # runs evaluated on different splits: each row says which
-    head = ["cell", "seeds", "trained"] + (["split"] if mixed else []) + [_label(d) for d in columns] + ["avg"]
+    avg = "avg" if table.get("avg_domains", domains) == domains else \
+        "avg (" + ", ".join(_label(d) for d in table["avg_domains"]) + ")"
+    head = ["cell", "seeds", "trained"] + (["split"] if mixed else []) + [_label(d) for d in columns] + [avg]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
     for r in table["rows"]:
         cells = [r["name"], str(len(r["seeds"])), f"{r['params_trainable']:,}"] + ([r["eval_split"]] if mixed else [])
@@ -178,7 +188,7 @@ def markdown(table: dict[str, Any]) -> str:
             + (" Answers: next-token accuracy on the answer tokens alone (not in avg)." if columns != domains else ""),
             "", *lines, ""]
     for base in table["baselines"]:
-        head = ["cell"] + [f"{_label(d)} - baseline" for d in columns] + ["avg - baseline"]
+        head = ["cell"] + [f"{_label(d)} - baseline" for d in columns] + [f"{avg} - baseline"]
         text += [f"Paired differences against **{base}** (same seeds, same documents), "
                  "points [95% interval]; * = the interval excludes zero.", "",
                  "| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(head)) + "|"]
@@ -193,7 +203,7 @@ def markdown(table: dict[str, Any]) -> str:
 
 
 def write(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = stats.N_BOOT,
-          x: str | None = None, records: list[dict] | None = None) -> str:
+          x: str | None = None, records: list[dict] | None = None, avg: list[str] | None = None) -> str:
     """table.md, table.json and (with matplotlib) the two plots in `out`; returns the markdown.
     With `x` (a config key, several comma-separated, or `params`): also curves.md and
     curves.png (pipeline/sweep_curves.py), and their markdown after the table's. Cells with
@@ -205,7 +215,7 @@ def write(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
     # a bad --x key is refused before anything is written
     records = read_results(out) if records is None else records
     curve_plan = sweep_curves.plan(records, x) if x is not None else None
-    table = build(out, baseline=baseline, n_boot=n_boot, records=records)
+    table = build(out, baseline=baseline, n_boot=n_boot, records=records, avg=avg)
     md = markdown(table)
     write_text_atomic(out / "table.md", md)
     write_text_atomic(out / "table.json", strict_json(table, indent=2, sort_keys=True) + "\n")
