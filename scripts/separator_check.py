@@ -39,26 +39,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def row_counts(eval_step, params, rows: np.ndarray, separator: int, batch: int):
-    """Per row: (correct, counted) content targets, the separator's targets left out."""
-    import jax.numpy as jnp
-    correct, counted = [], []
-    for i in range(0, rows.shape[0], batch):
-        chunk = rows[i:i + batch]
-        m = eval_step(params, jnp.asarray(chunk))
-        keep = chunk[:, 1:] != separator
-        correct.append((np.asarray(m["token_correct"], bool) & keep).sum(axis=1))
-        counted.append(keep.sum(axis=1))
-    return np.concatenate(correct), np.concatenate(counted)
+def row_counts(steps, params, rows: np.ndarray, separator: int, batch: int):
+    """Per row: (correct, counted) content targets, the separator's targets left out: the
+    pipeline's own evaluation (engine.evaluate's per-row counts)."""
+    from mode_jax.pipeline.engine import evaluate
+    per_row = evaluate(steps, params, {"rows": rows}, batch_size=batch, progress=False,
+                       separator=separator)["rows"]["per_row"]
+    return np.asarray(per_row["correct"]), np.asarray(per_row["tokens"])
 
 
 def paired_interval(ya, na, yb, nb, n_boot: int, seed: int = 0) -> tuple[float, float, float]:
-    """accuracy(a) - accuracy(b) over the same rows, and its 95% percentile bootstrap over rows."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, ya.size, size=(n_boot, ya.size))
-    reps = ya[idx].sum(1) / na[idx].sum(1) - yb[idx].sum(1) / nb[idx].sum(1)
-    low, high = np.percentile(reps, [2.5, 97.5])
-    return float(ya.sum() / na.sum() - yb.sum() / nb.sum()), float(low), float(high)
+    """accuracy(a) - accuracy(b) over the same rows and its 95% bootstrap over rows
+    (stats.paired_difference with the rows as units, one seed)."""
+    from mode_jax.pipeline.stats import paired_difference
+    v = paired_difference([ya], [na], [yb], [nb], n_boot=n_boot, seed=seed)
+    return v.estimate, v.low, v.high
 
 
 def main(argv=None) -> int:
@@ -81,7 +76,7 @@ def main(argv=None) -> int:
         model = mode_jax.load(args.model)
         steps = make_steps("full", model.cfg, opt=OptimConfig(total_steps=1), compute_dtype="float32",
                            layer_loop="scan")
-        params = steps.to_backend({"backbone": model.params["backbone"]})
+        params = {"backbone": model.params["backbone"]}
     except UserError as e:
         print(f"separator_check: {e}", file=sys.stderr)
         return 2
@@ -93,7 +88,7 @@ def main(argv=None) -> int:
         for sep in candidates:
             t0 = time.time()
             swapped = np.where(rows == build_sep, sep, rows)
-            counts[sep] = row_counts(steps.eval_step, params, swapped, sep, args.batch)
+            counts[sep] = row_counts(steps, params, swapped, sep, args.batch)
             print(f"{domain:15s} separator {sep}: {100 * counts[sep][0].sum() / counts[sep][1].sum():.2f}% "
                   f"({counts[sep][1].sum()} content targets, {time.time() - t0:.0f} s)", flush=True)
         entry = {"separators": int((rows == build_sep).sum()),

@@ -62,10 +62,29 @@ def _counts(runs: list[dict], domain: str):
     return ys, ns, shared, docs[0]["unit"]
 
 
+def _measured(run: dict, domain: str) -> bool:
+    """Whether `run` was evaluated on `domain` (an answers column: and has its answer counts)."""
+    name, answers, _ = domain.partition(ANSWERS)
+    entry = run["result"]["domains"].get(name)
+    return entry is not None and (not answers or "answers" in entry)
+
+
 def _same_units(a: list[dict], b: list[dict], domain: str) -> bool:
-    """Paired only if, seed by seed, both were measured on the same test units."""
+    """Paired only if, seed by seed, both were measured on `domain` and on the same test units."""
     key = lambda r: (_units(r, domain)["unit"], _units(r, domain)["ids"], _units(r, domain)["tokens"])  # noqa: E731
-    return all(key(x) == key(y) for x, y in zip(a, b))
+    return all(_measured(x, domain) and _measured(y, domain) and key(x) == key(y) for x, y in zip(a, b))
+
+
+def average(runs: list[dict], domains: list[str], n_boot: int, base: list[dict] | None = None) -> dict | None:
+    """The mean over `domains` of `runs`' accuracy [95% interval] (stats.average_over_domains), or,
+    given `base` (runs on the same seeds, in the same order), of the paired difference runs - base;
+    None where `base` was not measured on the same units."""
+    if base is not None and not all(_same_units(runs, base, d) for d in domains):
+        return None
+    ca = [_counts(runs, d) for d in domains]
+    cb = None if base is None else [_counts(base, d)[:2] for d in domains]
+    return stats.average_over_domains([c[:2] for c in ca], cb, n_boot=n_boot,
+                                      shared_documents=all(c[2] for c in ca)).to_dict()
 
 
 def _as_list(baseline) -> list[str]:
@@ -123,9 +142,7 @@ def build(out: Path, *, baseline: str | list[str] | None = None, n_boot: int = s
             row["domains"][d] = {**stats.bootstrap_accuracy(ys, ns, shared_documents=shared, n_boot=n_boot).to_dict(),
                                  "unit": unit, "shared_documents": shared,
                                  "per_seed": [float(y.sum() / n.sum()) for y, n in zip(ys, ns)]}
-        counts = [_counts(runs, d) for d in averaged]
-        row["avg"] = stats.average_over_domains([(ys, ns) for ys, ns, _, _ in counts], n_boot=n_boot,
-                                                shared_documents=all(c[2] for c in counts)).to_dict()
+        row["avg"] = average(runs, averaged, n_boot)
         rows.append(row)
     for base in baselines:
         diffs += [_paired(name, by_seed, base, groups[base], domains, n_boot, answer_columns, averaged)
@@ -145,8 +162,8 @@ def _paired(name, by_seed, base, base_by_seed, domains, n_boot, extra=(), averag
     averaged = list(domains) if averaged is None else averaged
     seeds = sorted(set(by_seed) & set(base_by_seed))
     entry = {"name": name, "baseline": base, "seeds": seeds, "domains": {}}
+    a, b = [by_seed[s] for s in seeds], [base_by_seed[s] for s in seeds]
     for d in list(domains) + list(extra):
-        a, b = [by_seed[s] for s in seeds], [base_by_seed[s] for s in seeds]
         if not seeds or not _same_units(a, b, d):
             entry["domains"][d] = None      # not measured on the same seeds and documents
             continue
@@ -156,10 +173,7 @@ def _paired(name, by_seed, base, base_by_seed, domains, n_boot, extra=(), averag
                                                       n_boot=n_boot).to_dict()
     entry["avg"] = None
     if averaged and all(entry["domains"][d] is not None for d in averaged):
-        ca = [_counts([by_seed[s] for s in seeds], d) for d in averaged]
-        cb = [_counts([base_by_seed[s] for s in seeds], d) for d in averaged]
-        entry["avg"] = stats.average_over_domains([c[:2] for c in ca], [c[:2] for c in cb], n_boot=n_boot,
-                                                  shared_documents=all(c[2] for c in ca)).to_dict()
+        entry["avg"] = average(a, averaged, n_boot, base=b)
     return entry
 
 

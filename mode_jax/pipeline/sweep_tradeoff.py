@@ -43,7 +43,7 @@ def build(records: list[dict], n_boot: int = stats.N_BOOT) -> list[dict[str, Any
     """One row per cell with both sides evaluated: name, method, seeds, targets, retention, the
     two averages and, given a backbone cell, the two paired differences from it (Interval.to_dict();
     None where the backbone was not measured on the same seeds and documents)."""
-    from mode_jax.pipeline.sweep_report import _counts, _groups, _same_units
+    from mode_jax.pipeline.sweep_report import _groups, average
     groups = _groups(records)
     base = next((by_seed for by_seed in groups.values()
                  if next(iter(by_seed.values()))["method"] == BACKBONE), None)
@@ -55,23 +55,12 @@ def build(records: list[dict], n_boot: int = stats.N_BOOT) -> list[dict[str, Any
             continue
         row = {"name": name, "method": runs[0]["method"], "seeds": sorted(by_seed),
                "targets": targets, "retention": retention}
+        # paired on the seeds both have; not the backbone with itself
+        seeds = [s for s in sorted(by_seed) if base is not None and s in base and by_seed[s] is not base[s]]
         for side, domains in (("target", targets), ("retained", retention)):
-            counts = [_counts(runs, d) for d in domains]
-            shared = all(c[2] for c in counts)
-            row[side] = stats.average_over_domains([c[:2] for c in counts], n_boot=n_boot,
-                                                   shared_documents=shared).to_dict()
-            row[side + "_vs_backbone"] = None
-            seeds = sorted(set(by_seed) & set(base or {}))
-            if base is None or not seeds or all(by_seed[s] is base.get(s) for s in seeds):
-                continue
-            a, b = [by_seed[s] for s in seeds], [base[s] for s in seeds]
-            if not all(d in r["result"]["domains"] for r in b for d in domains) or \
-                    not all(_same_units(a, b, d) for d in domains):
-                continue
-            ca, cb = [_counts(a, d) for d in domains], [_counts(b, d) for d in domains]
-            row[side + "_vs_backbone"] = stats.average_over_domains(
-                [c[:2] for c in ca], [c[:2] for c in cb], n_boot=n_boot,
-                shared_documents=all(c[2] for c in ca)).to_dict()
+            row[side] = average(runs, domains, n_boot)
+            row[side + "_vs_backbone"] = None if not seeds else average(
+                [by_seed[s] for s in seeds], domains, n_boot, base=[base[s] for s in seeds])
         rows.append(row)
     return rows
 
