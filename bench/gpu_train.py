@@ -159,24 +159,28 @@ def model_config(small: bool, n_layers: int | None = None, shape: str = "135m") 
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def flops_per_token(part: str, cfg: LlamaConfig, seq: int) -> float:
-    """Model FLOPs per token of one train step (module docstring)."""
+def flops_per_token(part: str, cfg: LlamaConfig, seq: int, *, attention: bool = True,
+                    mode: ModeConfig | None = None, lora: LoraConfig | None = None) -> float:
+    """Model FLOPs per token of one train step (module docstring); attention=False leaves out the
+    attention scores and values, leaving the FLOPs of the weight matmuls alone. `mode` / `lora`
+    default to this run's MODE / LORA."""
+    mode, lora = mode or MODE, lora or LORA
     d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     p = d * q + 2 * d * kv + q * d + 3 * d * f          # matmul entries of one layer
-    attn = 2 * q * seq                                  # forward scores + values, causal
+    attn = 2 * q * seq if attention else 0              # forward scores + values, causal
     trained = 6 * p + 3 * attn                          # a layer whose weights train
     frozen_on_path = 4 * p + 3 * attn                   # frozen, gradient flows through
     forward_only = 2 * p + attn
     if part == "full":
         return cfg.n_layers * trained + 6 * d * v
     if part == "lora":
-        adapters = sum(LORA.rank * sum(ref_llama.layer_shapes(cfg)[m]) for m in LORA.matrices)
+        adapters = sum(lora.rank * sum(ref_llama.layer_shapes(cfg)[m]) for m in lora.matrices)
         return cfg.n_layers * (frozen_on_path + 6 * adapters) + 4 * d * v
     if part.startswith("mode"):
-        per_block = cfg.n_layers // MODE.n_blocks
-        experts = MODE.n_blocks * MODE.n_experts * MODE.expert_layers
-        gates = MODE.n_blocks * 6 * d * (MODE.n_experts + 1)
+        per_block = cfg.n_layers // mode.n_blocks
+        experts = mode.n_blocks * mode.n_experts * mode.expert_layers
+        gates = mode.n_blocks * 6 * d * (mode.n_experts + 1)
         return (per_block * forward_only + (cfg.n_layers - per_block) * frozen_on_path
                 + experts * trained + gates + 4 * d * v)
     raise ValueError(part)

@@ -97,6 +97,25 @@ def summarize(logdir: str, *, steps: int, step_ms: float | None = None, top: int
     return "\n".join(lines)
 
 
+def read_categories(text: str) -> dict[str, dict[str, float]]:
+    """The per-category ms/step of every profile in a printed log: `--- profile: RUN` (as
+    gpu_train.py prints it) followed by summarize()'s category table -> {RUN: {category: ms}}."""
+    found, run, rows = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("--- profile: "):
+            run, rows = line[len("--- profile: "):].strip(), None
+        elif run is not None and line.startswith("category"):
+            rows = found.setdefault(run, {})
+        elif rows is not None:
+            label, _, rest = line.rpartition(" ")          # "<label> <ms> <share%>"
+            label, _, ms = label.strip().rpartition(" ")
+            if not rest.endswith("%") or label.strip() not in {c for c, _ in CATEGORIES} | {"other"}:
+                run, rows = None, None                       # the kernel table starts: this profile is read
+                continue
+            rows[label.strip()] = float(ms)
+    return found
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("logdir")
