@@ -157,17 +157,26 @@ def measure(row: str, args) -> dict:
 
 
 def markdown(rows: list[dict], args) -> str:
+    """The rows as a Markdown table; "vs full" is a row's step time over the full FT row's."""
+    full = next((r["step_ms"] for r in rows if r["row"] == "full" and "step_ms" in r), None)
+
     def gib(r, k):
         return f"{r[k]:.2f}" if k in r else "-"
 
     def saving(r):
         return f"{100 * r['sparse_saving']:.1f}%" if "sparse_saving" in r else "-"
+
+    def step(r):
+        if "step_ms" not in r:
+            return "- | - | -"
+        ratio = f"{r['step_ms'] / full:.2f}x" if full else "-"
+        return f"{r['step_ms']:.2f} | {ratio} | {r['train_tokens_per_s']:,.0f}"
     lines = [f"batch {args.batch} x {args.seq}, compute {args.dtype}", "",
-             "| method | total params | trained params | step ms | train tok/s | peak GiB | compiled GiB | "
-             "eval tok/s | sparse top-k saving |", "|---|---|---|---|---|---|---|---|---|"]
+             "| method | total params | trained params | step ms | vs full | train tok/s | peak GiB | compiled GiB | "
+             "eval tok/s | sparse top-k saving |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['row']} | {r['params_total'] / 1e6:.2f}M | {r['params_trained'] / 1e6:.3f}M | "
-                     f"{r.get('step_ms', '-')} | {r.get('train_tokens_per_s', '-')} | {gib(r, 'peak_gib')} | "
+                     f"{step(r)} | {gib(r, 'peak_gib')} | "
                      f"{gib(r, 'compiled_gib')} | {r['eval_tokens_per_s']:,.0f} | {saving(r)} |")
     return "\n".join(lines) + "\n"
 
@@ -248,6 +257,8 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
         if out is not None:
             _write(out, rows + [done[x] for x in done if x not in {y["row"] for y in rows}], args)
+    if out is not None:      # also when every row was measured before: the table is rendered anew
+        _write(out, rows + [done[x] for x in done if x not in {y["row"] for y in rows}], args)
     print(markdown(rows, args))
     if failed:
         print(f"failed rows: {', '.join(failed)}", file=sys.stderr)

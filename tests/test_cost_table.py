@@ -42,6 +42,8 @@ def test_cost_table_small(tmp_path):
     for r in rows.values():
         assert r["compiled_gib"] > 0 and r["step_ms"] > 0 and r["eval_tokens_per_s"] > 0
         assert f"| {r['row']} |" in md
+    ratio = rows["capacity-1x4"]["step_ms"] / rows["full"]["step_ms"]
+    assert f"| {rows['capacity-1x4']['step_ms']:.2f} | {ratio:.2f}x |" in md and "| 1.00x |" in md
     # Again into the same --out with one more row, in a child process (the GPU path): the rows
     # measured before are kept as they were, the new one added; a backbone row trains nothing.
     more, _ = run("--rows", "full,backbone", tmp_path=tmp_path)
