@@ -17,6 +17,7 @@ def test_gpu_train_small_runs_its_checks():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "check mode: loss" in proc.stdout and "check block: f32 fused" in proc.stdout
     assert "block fwd+bwd fast/ fused" in proc.stdout
+    assert "one bf16 1024^3 matmul:" in proc.stdout and "MFU/mm" in proc.stdout
 
 
 def test_plot_train_draws_the_stored_run(tmp_path):
