@@ -235,6 +235,9 @@ def main(argv=None) -> int:
         # Rows measured by an earlier call (same --out) are kept: the table fills in over calls.
         done = {r["row"]: r for r in map(json.loads, (out / "cost_table.jsonl").read_text().splitlines())}
     rows, failed = [], []
+
+    def with_kept():         # this call's rows, then the kept rows it did not measure again
+        return rows + [done[x] for x in done if x not in {y["row"] for y in rows}]
     for row in args.row_list:
         if row in done:
             rows.append(done[row])
@@ -256,9 +259,9 @@ def main(argv=None) -> int:
         rows.append(r)
         print(json.dumps(r), flush=True)
         if out is not None:
-            _write(out, rows + [done[x] for x in done if x not in {y["row"] for y in rows}], args)
+            _write(out, with_kept(), args)
     if out is not None:      # also when every row was measured before: the table is rendered anew
-        _write(out, rows + [done[x] for x in done if x not in {y["row"] for y in rows}], args)
+        _write(out, with_kept(), args)
     print(markdown(rows, args))
     if failed:
         print(f"failed rows: {', '.join(failed)}", file=sys.stderr)
