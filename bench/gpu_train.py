@@ -159,6 +159,14 @@ def model_config(small: bool, n_layers: int | None = None, shape: str = "135m") 
     return dataclasses.replace(cfg, n_layers=n_layers) if n_layers else cfg
 
 
+def mode_config(small: bool, shape: str = "135m") -> ModeConfig:
+    """The MoDE layout timed at this shape: 2 experts x 2 layers in `mode_blocks` blocks (--small:
+    one layer per expert, 3 blocks)."""
+    if small:
+        return dataclasses.replace(MODE, expert_layers=1)
+    return dataclasses.replace(MODE, n_blocks=SHAPES[shape]["mode_blocks"])
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 def flops_per_token(part: str, cfg: LlamaConfig, seq: int, *, attention: bool = True,
@@ -317,7 +325,7 @@ def check_step(part: str, args, overrides: dict | None = None) -> str:
 
 # ----------------------------------------------------------------------------- train steps
 
-def run_train(part: str, args, peak: float, overrides: dict | None = None, matmul: float | None = None) -> dict:
+def run_train(part: str, args, peak: float, matmul: float, overrides: dict | None = None) -> dict:
     cfg = model_config(args.small, shape=args.shape)
     lora = LORA if part == "lora" else None
     fast = fast_config(part, args, overrides)
@@ -366,7 +374,7 @@ def run_train(part: str, args, peak: float, overrides: dict | None = None, matmu
             "step_ms": 1e3 * seconds,
             "tokens_per_s": tokens / seconds, "tflop_per_step": flops / 1e12,
             "tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak,
-            **({"matmul_tflops": matmul, "mfu_matmul": flops / seconds / 1e12 / matmul} if matmul else {}),
+            "matmul_tflops": matmul, "mfu_matmul": flops / seconds / 1e12 / matmul,
             "trainable_params": P.count_params(train), "temp_gb": temp_gb, "mem_gb": mem_gb, "shape": args.shape,
             "loss": float(metrics["loss"]), "loss_kernel": fast.loss_kernel}
 
@@ -485,7 +493,7 @@ def run_block(args, t0, overrides: dict | None = None) -> list[dict]:
 
 # ----------------------------------------------------------------------------- report
 
-def peer_rows(path: str | None, cfg, args, peak, matmul: float | None = None) -> list[dict]:
+def peer_rows(path: str | None, cfg, args, peak: float, matmul: float) -> list[dict]:
     found = {}
     if path and os.path.exists(path):
         with open(path) as fh:
@@ -509,8 +517,8 @@ def peer_rows(path: str | None, cfg, args, peak, matmul: float | None = None) ->
                      "part": f"peer_{mode}", "compile_s": rec.get("compile_s") if measured else None,
                      "step_ms": 1e3 * args.batch * args.seq / tps, "tokens_per_s": tps,
                      "tflop_per_step": flops * args.batch * args.seq / 1e12, "tflops": flops * tps / 1e12,
-                     "mfu": flops * tps / 1e12 / peak,
-                     **({"matmul_tflops": matmul, "mfu_matmul": flops * tps / 1e12 / matmul} if matmul else {})})
+                     "mfu": flops * tps / 1e12 / peak, "matmul_tflops": matmul,
+                     "mfu_matmul": flops * tps / 1e12 / matmul})
     return rows
 
 
@@ -551,10 +559,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     global MODE
-    if args.small:
-        MODE = dataclasses.replace(MODE, expert_layers=1)
-    else:
-        MODE = dataclasses.replace(MODE, n_blocks=SHAPES[args.shape]["mode_blocks"])
+    MODE = mode_config(args.small, args.shape)
     LABEL["mode"] = f"MoDE 2x({MODE.n_blocks}x{MODE.expert_layers})"
     global LORA
     if args.lora_config != LORA:
@@ -581,7 +586,7 @@ def main(argv=None) -> int:
         if not args.no_check and part not in SPMD_PARTS:
             msg = check_step(part, args, overrides)
             print(f"[{time.perf_counter() - t0:6.1f}s] check {part}: {msg}", flush=True)
-        r = run_train(part, args, peak, overrides, matmul)
+        r = run_train(part, args, peak, matmul, overrides)
         print(f"[{time.perf_counter() - t0:6.1f}s] {r['run']}: {r['step_ms']:.1f} ms/step, "
               f"{r['tokens_per_s'] / 1e3:.0f}k tok/s, MFU {100 * r['mfu']:.1f}%, "
               f"compile {r['compile_s']:.1f}s, temp {r['temp_gb']:.1f} GiB", flush=True)
@@ -609,7 +614,7 @@ def main(argv=None) -> int:
         gc.collect()
     for part, overrides in parse_variants(args.variants):
         try:
-            rows.append(run_train(part, args, peak, overrides, matmul))
+            rows.append(run_train(part, args, peak, matmul, overrides))
             print(f"[{time.perf_counter() - t0:6.1f}s] {rows[-1]['run']}: {rows[-1]['step_ms']:.1f} ms/step, "
                   f"MFU {100 * rows[-1]['mfu']:.1f}%", flush=True)
         except Exception as e:

@@ -15,14 +15,13 @@ ours_<shape>.txt (its printed log, holding the profiles) and peer_<shape>.jsonl.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import profile_summary  # noqa: E402  (bench/ siblings)
-from gpu_train import LORA, MODE, flops_per_token, model_config  # noqa: E402
+from gpu_train import LORA, flops_per_token, mode_config, model_config  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 from mode_jax.atomic import atomic_path  # noqa: E402
@@ -62,7 +61,7 @@ def read_shape(root: str, shape: str) -> dict:
     if missing:
         raise SystemExit(f"{root}: no row for {missing} at shape {shape} (ours_{shape}.jsonl, peer_{shape}.jsonl)")
     cfg = model_config(False, shape=shape)
-    mode = dataclasses.replace(MODE, n_blocks=SHAPES[shape]["mode_blocks"])
+    mode = mode_config(False, shape)
     seq = next(iter(peer.values()))["seq"]                    # both sides ran batch x seq
     for part, _ in PARTS:
         row = rows[part]
@@ -107,18 +106,25 @@ def table(shapes: dict[str, dict]) -> str:
     return "\n".join(out)
 
 
+def pieces(row: dict) -> dict[str, float]:
+    """One of our steps split into ms: the SHOWN kernel kinds, the other kernels, and idle time
+    (step time minus GPU busy time)."""
+    prof = row["profile"]
+    split = {k: prof.get(k, 0.0) for k in SHOWN}
+    split["other kernels"] = sum(v for k, v in prof.items() if k not in SHOWN)
+    split["idle"] = max(row["step_ms"] - sum(prof.values()), 0.0)
+    return split
+
+
 def profile_table(shapes: dict[str, dict]) -> str:
     out = ["| shape | run | step ms | " + " | ".join(SHOWN) + " | other kernels | idle |",
            "|---|---|---|" + "---|" * (len(SHOWN) + 2)]
     for shape, rows in shapes.items():
         for part, _ in PARTS:
-            r = rows[part]
-            prof, step = r["profile"], r["step_ms"]
-            rest = sum(v for k, v in prof.items() if k not in SHOWN)
-            idle = max(step - sum(prof.values()), 0.0)
-            cells = [f"{prof.get(k, 0.0):.1f} ({prof.get(k, 0.0) / step:.0%})" for k in SHOWN]
+            step, split = rows[part]["step_ms"], pieces(rows[part])
+            cells = [f"{split[k]:.1f} ({split[k] / step:.0%})" for k in SHOWN]
             out.append(f"| {shape} | ours {LABELS[part]} | {step:.1f} | " + " | ".join(cells)
-                       + f" | {rest:.1f} | {idle:.1f} |")
+                       + f" | {split['other kernels']:.1f} | {split['idle']:.1f} |")
     return "\n".join(out)
 
 
@@ -151,12 +157,8 @@ def plot(shapes: dict[str, dict], out: str, title: str) -> None:
     for shape, rows in shapes.items():
         for part, _ in PARTS:
             r = rows[part]
-            prof, step = r["profile"], r["step_ms"]
-            pieces = {k: prof.get(k, 0.0) for k in SHOWN}
-            pieces["other kernels"] = sum(v for k, v in prof.items() if k not in SHOWN)
-            pieces["idle"] = max(step - sum(prof.values()), 0.0)
-            start = 0.0
-            for k, v in pieces.items():
+            step, start = r["step_ms"], 0.0
+            for k, v in pieces(r).items():
                 right.barh(y, v / step, left=start, color=palette[k], label=k if y == 0 else None)
                 start += v / step
             right.text(1.01, y, f"MFU {r['mfu']:.0%}", va="center", fontsize=7)
