@@ -91,7 +91,7 @@ def test_per_domain_grid():
     assert sum(c.method == "backbone" for c in g.cells) == 3           # one a seed, on every domain
     mixture = ("math", "code", "english")
     assert got == {(m, (d,)) for m in ("expert", "full", "lora") for d in DOMAINS} | {
-        (m, mixture) for m in ("full", "lora")}
+        (m, mixture) for m in ("full", "lora", "mode")}
     for c in g.cells:
         assert set(c.cfg.eval_domains) == DOMAINS | {"english-modern"}
         if c.method == "backbone":
@@ -101,6 +101,15 @@ def test_per_domain_grid():
             assert (steps, c.cfg.train.batch_size) == (400, 16)
         else:                                   # the three-domain mixture: the same rows, 6 of each a step
             assert c.cfg.train.batch_size % 3 == 0 and abs(steps * c.cfg.train.batch_size - 400 * 16) < 18
+    # MoDE 3x: each expert reads a per-domain expert's rows; one expert and one gate column a block
+    # more than MoDE 2x, counted here from SmolLM2's shape (a layer: attention, SwiGLU MLP, two norms).
+    mode3x = one(g.cells, "mode-3x math+code+english").cfg
+    assert abs(mode3x.train.stage1_steps * mode3x.train.batch_size - 400 * 16) < 18
+    d, q, kv = SMOL.d_model, SMOL.n_heads * SMOL.head_dim, SMOL.n_kv_heads * SMOL.head_dim
+    layer = 2 * d * q + 2 * d * kv + 3 * d * SMOL.d_ff + 2 * d
+    m = mode3x.mode
+    assert costs.trained_params("stage2", SMOL, mode=sources.mode_config(mode3x, 3)) == (
+        42_486_345 + m.n_blocks * m.expert_layers * layer + m.n_blocks * (d + 1))
 
 
 
