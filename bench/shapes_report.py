@@ -26,7 +26,6 @@ from shapes import SHAPES  # noqa: E402
 
 from mode_jax.atomic import atomic_path  # noqa: E402
 
-PEAK = 989.0                                   # H100/H200 dense bf16 datasheet TFLOP/s
 PARTS = (("full", "peer_full"), ("mode", "peer_full"), ("lora", "peer_lora"))
 LABELS = {"full": "full FT", "mode": "MoDE 2x", "lora": "LoRA r16 attn"}
 # issue 16's targets: ours / the compiled peer, per shape and part
