@@ -112,3 +112,41 @@ def test_no_retention_no_files(tmp_path):
         sweep.append_result(tmp_path, _record("a", s, "full", ["math"], [], _draw(rng)))
     assert main(["sweep", "report", str(tmp_path), "--n-boot", "100"]) == 0
     assert (tmp_path / "table.md").exists() and not (tmp_path / "tradeoff.md").exists()
+
+
+def _boxes_overlap(a, b):
+    """Two (x, y, width, height) boxes share area (touching edges do not count)."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def test_labels_of_a_cluster_keep_off_each_other_and_the_points():
+    rng = np.random.default_rng()                   # fresh points: the layout must hold for any cluster
+    for _ in range(20):
+        n = int(rng.integers(2, 7))
+        centre = rng.uniform(100, 500, size=2)
+        points = [tuple(centre + rng.uniform(-8, 8, size=2)) for _ in range(n)]   # closer than a label's height
+        sizes = [(float(rng.uniform(40, 160)), 8.4) for _ in range(n)]
+        offsets = sweep_tradeoff.place_labels(points, sizes)
+        boxes = [(x + dx, y + dy, w, h) for (x, y), (dx, dy), (w, h) in zip(points, offsets, sizes)]
+        markers = [(x - 3, y - 3, 6, 6) for x, y in points]
+        for i, b in enumerate(boxes):
+            assert not any(_boxes_overlap(b, o) for o in boxes[:i] + boxes[i + 1:]), (points, sizes, offsets)
+            assert not any(_boxes_overlap(b, m) for m in markers), (points, sizes, offsets)
+
+
+def test_a_label_sits_beside_its_point_on_the_side_without_an_error_bar():
+    (dx, dy), = sweep_tradeoff.place_labels([(200.0, 300.0)], [(80.0, 8.4)])
+    assert dx > 3 and -3 < dy < 3                   # right of the point, level with it
+    bar = (202.0, 298.0, 120.0, 4.0)                # the right half of a wide horizontal error bar
+    (dx, dy), = sweep_tradeoff.place_labels([(200.0, 300.0)], [(80.0, 8.4)], [bar])
+    assert dx < -80 and -3 < dy < 3                 # left of the point, level with it: crossing nothing
+    boxed = [(120.0, 290.0, 160.0, 20.0)]           # the point's whole row taken: the label moves up or down
+    (dx, dy), = sweep_tradeoff.place_labels([(200.0, 300.0)], [(80.0, 8.4)], boxed)
+    assert not _boxes_overlap((200.0 + dx, 300.0 + dy, 80.0, 8.4), boxed[0])
+
+
+def test_a_label_at_the_right_edge_goes_left_of_its_point():
+    axes = (0.0, 0.0, 400.0, 300.0)
+    (dx, dy), = sweep_tradeoff.place_labels([(380.0, 150.0)], [(90.0, 8.4)], bounds=axes)
+    box = (380.0 + dx, 150.0 + dy, 90.0, 8.4)
+    assert box[0] >= 0.0 and box[0] + box[2] <= 400.0 and dx < 0

@@ -12,7 +12,7 @@ shared difficulty and so are several times tighter. Writes
     tradeoff.md    cell, seeds, targets, retention, the two means and the two differences [interval]
     tradeoff.png   retention against targets, one labelled point per cell with both intervals:
                    the differences from the backbone (0, 0 = the backbone) when every cell has
-                   them, else the means
+                   them, else the means; labels placed off each other and the points (place_labels)
 
 A cell's targets and retention are its own (`domains.targets` / `domains.retention` of its
 config, as evaluated), so grids whose cells adapt to different domains (every permutation
@@ -99,6 +99,43 @@ def axes(rows: list[dict]) -> tuple[tuple[str, str], list[dict]]:
     return ("target", "retained"), rows
 
 
+LABEL_PT = 7                                    # label font size, points
+DPI = 120
+
+
+def place_labels(points: list[tuple[float, float]], sizes: list[tuple[float, float]],
+                 obstacles: list[tuple[float, float, float, float]] = (),
+                 bounds: tuple[float, float, float, float] | None = None,
+                 gap: float = 5.0) -> list[tuple[float, float]]:
+    """Offsets (points, from each point to its label's lower left corner) for labels that keep
+    off each other, off every point and inside `bounds` (a box: x, y, width, height; the axes)
+    wherever they can, greedily in the order given. `points` and `sizes` (width, height of each
+    label) are in points on the page. Each label tries right and left of its point at rising
+    heights; among the positions that collide least with labels, points and the edge, the one
+    nearest its point, crossing the fewest `obstacles` (boxes: error bars, which a label may cross)."""
+    def overlap(a, b):
+        w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+        h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    markers = [(x - 3.0, y - 3.0, 6.0, 6.0) for x, y in points]
+    placed, offsets = [], []
+    for (x, y), (w, h) in zip(points, sizes):
+        best = None
+        for dy in (1.0, -h - 1.0, h + 4.0, -2 * h - 4.0, 2 * h + 7.0, -3 * h - 7.0):
+            for side, dx in enumerate((gap, -gap - w)):
+                box = (x + dx, y + dy, w, h)
+                hard = sum(overlap(box, o) for o in placed + markers)
+                if bounds is not None:
+                    hard += w * h - overlap(box, bounds)
+                soft = 0.1 * sum(overlap(box, o) for o in obstacles) + 0.5 * abs(dy) + side
+                if best is None or (hard, soft) < best[0]:
+                    best = ((hard, soft), (dx, dy), box)
+        placed.append(best[2])
+        offsets.append(best[1])
+    return offsets
+
+
 def plot(rows: list[dict], path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -106,15 +143,13 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     keys, shown = axes(rows)
     paired = keys[0] != "target"
-    fig, ax = plt.subplots(figsize=(9.0, 6.5))
+    fig, ax = plt.subplots(figsize=(9.0, 6.5), dpi=DPI)   # text measured at the dpi it is saved at
     for i, r in enumerate(shown):
         x, y = (100 * r[k]["estimate"] for k in keys)
         xerr = [[x - 100 * r[keys[0]]["low"]], [100 * r[keys[0]]["high"] - x]]
         yerr = [[y - 100 * r[keys[1]]["low"]], [100 * r[keys[1]]["high"] - y]]
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt=MARKERS[i % len(MARKERS)], capsize=3, lw=1.0,
                     color=f"C{i % 10}")
-        ax.annotate(f"{r['name']} ({len(r['seeds'])})", (x, y), textcoords="offset points",
-                    xytext=(5, 4 if i % 2 == 0 else -10), fontsize=7, color=f"C{i % 10}")   # alternate: less overlap
     if paired:
         ax.axvline(0.0, color="grey", ls="--", lw=0.8)
         ax.axhline(0.0, color="grey", ls="--", lw=0.8)
@@ -127,10 +162,30 @@ def plot(rows: list[dict], path: Path) -> Path:
         title = "Adaptation against retention, 95% intervals"
     ax.set_title(title + " (seeds in brackets)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.margins(x=0.3, y=0.08)           # room for the labels right of the points
+    ax.margins(x=0.3, y=0.08)           # room for the labels beside the points
     fig.tight_layout()
+    fig.canvas.draw()                   # the axes' limits are final: labels placed where they land
+
+    def on_page(x, y):                  # data -> points on the page
+        return tuple(ax.transData.transform([[x, y]])[0] * 72.0 / fig.dpi)
+
+    page, bars = [], []
+    for r in shown:
+        (x, lo_x, hi_x), (y, lo_y, hi_y) = [[100 * r[k][q] for q in ("estimate", "low", "high")] for k in keys]
+        page.append(on_page(x, y))
+        (x0, y0), (x1, y1) = on_page(lo_x, lo_y), on_page(hi_x, hi_y)
+        bars += [(x0, page[-1][1] - 2.0, x1 - x0, 4.0), (page[-1][0] - 2.0, y0, 4.0, y1 - y0)]
+    labels = [ax.annotate(f"{r['name']} ({len(r['seeds'])})", (100 * r[keys[0]]["estimate"], 100 * r[keys[1]]["estimate"]),
+                          textcoords="offset points", xytext=(0, 0), fontsize=LABEL_PT, color=f"C{i % 10}")
+              for i, r in enumerate(shown)]
+    renderer = fig.canvas.get_renderer()
+    sizes = [(1.03 * e.width * 72.0 / fig.dpi, e.height * 72.0 / fig.dpi)      # 3%: rounding, hinting
+             for e in (t.get_window_extent(renderer) for t in labels)]
+    (ax0, ay0), (ax1, ay1) = ax.transAxes.transform([[0, 0], [1, 1]]) * 72.0 / fig.dpi
+    for label, off in zip(labels, place_labels(page, sizes, bars, (ax0, ay0, ax1 - ax0, ay1 - ay0))):
+        label.xyann = off
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=DPI)
     plt.close(fig)
     return path
 
