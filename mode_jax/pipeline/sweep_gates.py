@@ -146,8 +146,9 @@ def write(out: Path, records: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> Path:
     """Row 1: entropy per block, one panel per domain, a line per cell; row 2: own-top share (a
-    retention domain: backbone-top share); then one panel per traced cell: each domain's weight
-    on its own expert (retention: backbone) per block against the stage-2 step."""
+    cell with no expert of the domain's own, holding it out or without per-domain experts: its
+    backbone-top share, dashed); then one panel per traced cell:
+    each domain's weight on its own expert (retention: backbone) per block against the stage-2 step."""
     from mode_jax.pipeline.plots import _plt
     plt = _plt()
     domains = list(dict.fromkeys(r["domain"] for r in rows))
@@ -160,14 +161,21 @@ def plot(rows: list[dict], path: Path) -> Path:
             x = np.arange(len(r["entropy"]["mean"]))
             axes[0][j].errorbar(x, r["entropy"]["mean"], yerr=_spread(r["entropy"]), marker="o", capsize=3,
                                 label=r["name"])
-            share = r["own_top_share"] or r["backbone_top"]
-            axes[1][j].errorbar(x, share["mean"], yerr=_spread(share), marker="o", capsize=3, label=r["name"])
-        own = any(r["own_top_share"] for r in rows if r["domain"] == d)
+            no_own = not r["own_top_share"]        # held out, or a cell without per-domain experts
+            share = r["backbone_top"] if no_own else r["own_top_share"]
+            axes[1][j].errorbar(x, share["mean"], yerr=_spread(share), marker="o", capsize=3,
+                                ls="--" if no_own else "-",
+                                label=r["name"] + (" (no own expert: backbone on top)" if no_own else ""))
+        kinds = {bool(r["own_top_share"]) for r in rows if r["domain"] == d}
+        what = {frozenset({True}): "own expert on top", frozenset({False}): "backbone on top"}.get(
+            frozenset(kinds), "own expert on top\n(dashed: no own expert, backbone on top)")
         ticks = np.arange(max(len(r["entropy"]["mean"]) for r in rows))
         axes[0][j].set(title=f"{d}: routing entropy (nats)", xlabel="block", xticks=ticks)
-        axes[1][j].set(title=f"{d}: " + ("own expert on top" if own else "backbone on top") + " (share of tokens)",
-                       xlabel="block", xticks=ticks, ylim=(-0.02, 1.02))
+        axes[1][j].set(title=f"{d}: {what}", xlabel="block", ylabel="share of tokens", xticks=ticks,
+                       ylim=(-0.02, 1.02))
         axes[0][j].legend(fontsize=6)
+        if len(kinds) > 1:                      # a domain some cells have an expert for and others not
+            axes[1][j].legend(fontsize=6)
     for k, name in enumerate(traced):
         ax = axes[2 + k // ncols][k % ncols]
         for i, r in enumerate(r for r in rows if r["name"] == name and r["trace"]):
