@@ -166,15 +166,16 @@ def plot(rows: list[dict], path: Path) -> Path:
             axes[1][j].errorbar(x, share["mean"], yerr=_spread(share), marker="o", capsize=3,
                                 ls="--" if no_own else "-",
                                 label=r["name"] + (" (no own expert: backbone on top)" if no_own else ""))
-        kinds = {bool(r["own_top_share"]) for r in rows if r["domain"] == d}
-        what = {frozenset({True}): "own expert on top", frozenset({False}): "backbone on top"}.get(
-            frozenset(kinds), "own expert on top\n(dashed: no own expert, backbone on top)")
+        own = [bool(r["own_top_share"]) for r in rows if r["domain"] == d]
+        mixed = any(own) and not all(own)       # a domain some cells have an expert for and others not
+        what = ("own expert on top\n(dashed: no own expert, backbone on top)" if mixed
+                else "own expert on top" if all(own) else "backbone on top")
         ticks = np.arange(max(len(r["entropy"]["mean"]) for r in rows))
         axes[0][j].set(title=f"{d}: routing entropy (nats)", xlabel="block", xticks=ticks)
         axes[1][j].set(title=f"{d}: {what}", xlabel="block", ylabel="share of tokens", xticks=ticks,
                        ylim=(-0.02, 1.02))
         axes[0][j].legend(fontsize=6)
-        if len(kinds) > 1:                      # a domain some cells have an expert for and others not
+        if mixed:
             axes[1][j].legend(fontsize=6)
     for k, name in enumerate(traced):
         ax = axes[2 + k // ncols][k % ncols]

@@ -144,12 +144,11 @@ def plot(rows: list[dict], path: Path) -> Path:
     keys, shown = axes(rows)
     paired = keys[0] != "target"
     fig, ax = plt.subplots(figsize=(9.0, 6.5), dpi=DPI)   # text measured at the dpi it is saved at
-    for i, r in enumerate(shown):
-        x, y = (100 * r[k]["estimate"] for k in keys)
-        xerr = [[x - 100 * r[keys[0]]["low"]], [100 * r[keys[0]]["high"] - x]]
-        yerr = [[y - 100 * r[keys[1]]["low"]], [100 * r[keys[1]]["high"] - y]]
-        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt=MARKERS[i % len(MARKERS)], capsize=3, lw=1.0,
-                    color=f"C{i % 10}")
+    # per cell, ((x, low, high), (y, low, high)) in points of accuracy
+    spans = [[[100 * r[k][q] for q in ("estimate", "low", "high")] for k in keys] for r in shown]
+    for i, ((x, lo_x, hi_x), (y, lo_y, hi_y)) in enumerate(spans):
+        ax.errorbar([x], [y], xerr=[[x - lo_x], [hi_x - x]], yerr=[[y - lo_y], [hi_y - y]],
+                    fmt=MARKERS[i % len(MARKERS)], capsize=3, lw=1.0, color=f"C{i % 10}")
     if paired:
         ax.axvline(0.0, color="grey", ls="--", lw=0.8)
         ax.axhline(0.0, color="grey", ls="--", lw=0.8)
@@ -169,15 +168,13 @@ def plot(rows: list[dict], path: Path) -> Path:
     def on_page(x, y):                  # data -> points on the page
         return tuple(ax.transData.transform([[x, y]])[0] * 72.0 / fig.dpi)
 
-    page, bars = [], []
-    for r in shown:
-        (x, lo_x, hi_x), (y, lo_y, hi_y) = [[100 * r[k][q] for q in ("estimate", "low", "high")] for k in keys]
-        page.append(on_page(x, y))
-        (x0, y0), (x1, y1) = on_page(lo_x, lo_y), on_page(hi_x, hi_y)
-        bars += [(x0, page[-1][1] - 2.0, x1 - x0, 4.0), (page[-1][0] - 2.0, y0, 4.0, y1 - y0)]
-    labels = [ax.annotate(f"{r['name']} ({len(r['seeds'])})", (100 * r[keys[0]]["estimate"], 100 * r[keys[1]]["estimate"]),
-                          textcoords="offset points", xytext=(0, 0), fontsize=LABEL_PT, color=f"C{i % 10}")
-              for i, r in enumerate(shown)]
+    page, bars, labels = [], [], []
+    for i, (r, ((x, lo_x, hi_x), (y, lo_y, hi_y))) in enumerate(zip(shown, spans)):
+        (px, py), (x0, y0), (x1, y1) = on_page(x, y), on_page(lo_x, lo_y), on_page(hi_x, hi_y)
+        page.append((px, py))
+        bars += [(x0, py - 2.0, x1 - x0, 4.0), (px - 2.0, y0, 4.0, y1 - y0)]
+        labels.append(ax.annotate(f"{r['name']} ({len(r['seeds'])})", (x, y), textcoords="offset points",
+                                  xytext=(0, 0), fontsize=LABEL_PT, color=f"C{i % 10}"))   # moved below
     renderer = fig.canvas.get_renderer()
     sizes = [(1.03 * e.width * 72.0 / fig.dpi, e.height * 72.0 / fig.dpi)      # 3%: rounding, hinting
              for e in (t.get_window_extent(renderer) for t in labels)]
