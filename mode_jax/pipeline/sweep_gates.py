@@ -147,8 +147,8 @@ def write(out: Path, records: list[dict]) -> str:
 def plot(rows: list[dict], path: Path) -> Path:
     """Row 1: entropy per block, one panel per domain, a line per cell; row 2: own-top share (a
     cell with no expert of the domain's own, holding it out or without per-domain experts: its
-    backbone-top share, dashed); then one panel per traced cell:
-    each domain's weight on its own expert (retention: backbone) per block against the stage-2 step."""
+    backbone-top share, dashed); then one panel per traced cell: each domain's weight on its own
+    expert (retention: backbone) per block against the stage-2 step."""
     from mode_jax.pipeline.plots import _plt
     plt = _plt()
     domains = list(dict.fromkeys(r["domain"] for r in rows))

@@ -165,8 +165,11 @@ def plot(rows: list[dict], path: Path) -> Path:
     fig.tight_layout()
     fig.canvas.draw()                   # the axes' limits are final: labels placed where they land
 
+    def pt(pixels):                     # pixels -> points on the page
+        return pixels * 72.0 / fig.dpi
+
     def on_page(x, y):                  # data -> points on the page
-        return tuple(ax.transData.transform([[x, y]])[0] * 72.0 / fig.dpi)
+        return tuple(pt(ax.transData.transform([[x, y]])[0]))
 
     page, bars, labels = [], [], []
     for i, (r, ((x, lo_x, hi_x), (y, lo_y, hi_y))) in enumerate(zip(shown, spans)):
@@ -176,9 +179,9 @@ def plot(rows: list[dict], path: Path) -> Path:
         labels.append(ax.annotate(f"{r['name']} ({len(r['seeds'])})", (x, y), textcoords="offset points",
                                   xytext=(0, 0), fontsize=LABEL_PT, color=f"C{i % 10}"))   # moved below
     renderer = fig.canvas.get_renderer()
-    sizes = [(1.03 * e.width * 72.0 / fig.dpi, e.height * 72.0 / fig.dpi)      # 3%: rounding, hinting
+    sizes = [(pt(1.03 * e.width), pt(e.height))                        # 3%: rounding, hinting
              for e in (t.get_window_extent(renderer) for t in labels)]
-    (ax0, ay0), (ax1, ay1) = ax.transAxes.transform([[0, 0], [1, 1]]) * 72.0 / fig.dpi
+    (ax0, ay0), (ax1, ay1) = pt(ax.transAxes.transform([[0, 0], [1, 1]]))
     for label, off in zip(labels, place_labels(page, sizes, bars, (ax0, ay0, ax1 - ax0, ay1 - ay0))):
         label.xyann = off
     with atomic_path(path) as tmp:
